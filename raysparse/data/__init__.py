@@ -1,0 +1,1 @@
+"""Data: readers and validation, converters, synthetic data, vocabularies, splits and item text."""

@@ -1,0 +1,135 @@
+"""The evaluation protocol "last-item, full ranking, sparse cohort" (every benchmark uses it).
+
+Per user, interactions are ordered by timestamp (ties: file order). Users with >= 3 interactions: the last
+goes to test, the second last to validation, the rest to training; users with fewer train only. A seeded
+share of the evaluated users forms the *sparse cohort*: their training history is cut to their k most recent
+items, k drawn uniformly from `cohort_ks`. Cut interactions are removed from every input (user rows, item
+columns, text), because they simply do not exist in `Split.train_*`.
+
+A user who consumed the same item twice keeps only the most recent occurrence (counted in `stats`), so a
+held-out item can never also sit in the user's training set, where the ranking would exclude it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from raysparse.data.dataset import IndexedLog
+
+
+@dataclass
+class Split:
+    """Training histories as a time-ordered CSR (oldest first) plus one held-out item per evaluated user."""
+
+    n_users: int
+    n_items: int
+    train_indptr: np.ndarray     # (U+1,) int64
+    train_items: np.ndarray      # (T,) int64, per user oldest -> newest
+    train_weights: np.ndarray    # (T,) float32: 1, or rating / max rating with explicit feedback
+    val_item: np.ndarray         # (U,) int64, -1 when the user is not evaluated
+    test_item: np.ndarray        # (U,) int64, -1 when the user is not evaluated
+    cohort_k: np.ndarray         # (U,) int64, 0 outside the sparse cohort
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def evaluated_users(self) -> np.ndarray:
+        return np.flatnonzero(self.val_item >= 0)
+
+    def history(self, user_idx: int) -> np.ndarray:
+        """Training items of one user, oldest first."""
+        return self.train_items[self.train_indptr[user_idx]:self.train_indptr[user_idx + 1]]
+
+    def history_lengths(self) -> np.ndarray:
+        return np.diff(self.train_indptr)
+
+    def train_matrix(self, binary: bool = True) -> sp.csr_matrix:
+        """(U, I) user-item matrix of the training split."""
+        data = np.ones(len(self.train_items), np.float32) if binary else self.train_weights
+        m = sp.csr_matrix((data, self.train_items, self.train_indptr), shape=(self.n_users, self.n_items))
+        m.sort_indices()
+        return m
+
+    def item_columns(self) -> sp.csr_matrix:
+        """(I, U) CSR: for each item, the users who interacted with it in training (the DMF item input)."""
+        data = self.train_weights.astype(np.float32)
+        users = np.repeat(np.arange(self.n_users), np.diff(self.train_indptr))
+        return sp.csr_matrix((data, (self.train_items, users)), shape=(self.n_items, self.n_users))
+
+    def exclusions(self, user_idx: int, stage: str) -> np.ndarray:
+        """Items never ranked for this user: the training set, plus the validation item at test."""
+        seen = self.history(user_idx)
+        if stage == "test" and self.val_item[user_idx] >= 0:
+            seen = np.append(seen, self.val_item[user_idx])
+        return seen
+
+    def targets(self, stage: str) -> np.ndarray:
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return self.val_item if stage == "val" else self.test_item
+
+
+def split_last_item(log: IndexedLog, cohort_fraction: float = 0.2, cohort_ks: list[int] | tuple = (1, 2, 3, 5),
+                    seed: int = 0, use_ratings: bool = False) -> Split:
+    """Apply the protocol to an indexed log. Vectorized: O(E log E) for the sort, no per-user Python loop."""
+    n_users, n_items = log.n_users, log.n_items
+    file_pos = np.arange(len(log), dtype=np.int64)
+    order = np.lexsort((file_pos, log.timestamp, log.user_idx))
+    users = log.user_idx[order]
+    items = log.item_idx[order]
+    weights = _weights(log, use_ratings)[order]
+
+    # Repeat consumption: keep each (user, item)'s most recent occurrence.
+    key = pd.Series(users * np.int64(n_items) + items)
+    keep = ~key.duplicated(keep="last").to_numpy()
+    repeats = int((~keep).sum())
+    users, items, weights = users[keep], items[keep], weights[keep]
+
+    counts = np.bincount(users, minlength=n_users)
+    indptr = np.zeros(n_users + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    evaluated = counts >= 3
+    val_item = np.full(n_users, -1, np.int64)
+    test_item = np.full(n_users, -1, np.int64)
+    val_item[evaluated] = items[indptr[1:][evaluated] - 2]
+    test_item[evaluated] = items[indptr[1:][evaluated] - 1]
+
+    # Training = everything but the last two of evaluated users.
+    train_len = counts - 2 * evaluated
+    rng = np.random.default_rng(seed)
+    cohort_k = np.zeros(n_users, np.int64)
+    eval_ids = np.flatnonzero(evaluated)
+    n_cohort = int(round(cohort_fraction * len(eval_ids)))
+    if n_cohort:
+        chosen = rng.choice(eval_ids, size=n_cohort, replace=False)
+        cohort_k[chosen] = rng.choice(np.asarray(cohort_ks, np.int64), size=n_cohort)
+    keep_len = np.where(cohort_k > 0, np.minimum(train_len, cohort_k), train_len)
+
+    # Position of each row within its user's sequence, and of the training window [start, end).
+    pos = np.arange(len(users)) - indptr[users]
+    end = train_len[users]
+    start = end - keep_len[users]
+    in_train = (pos >= start) & (pos < end)
+    train_indptr = np.zeros(n_users + 1, np.int64)
+    np.cumsum(keep_len, out=train_indptr[1:])
+    stats = {
+        "interactions": int(len(log)),
+        "repeat_interactions_collapsed": repeats,
+        "users": n_users, "items": n_items,
+        "evaluated_users": int(len(eval_ids)), "cohort_users": n_cohort,
+        "train_interactions": int(in_train.sum()),
+        "cut_by_cohort": int((train_len - keep_len).sum()),
+    }
+    return Split(n_users=n_users, n_items=n_items, train_indptr=train_indptr, train_items=items[in_train],
+                 train_weights=weights[in_train].astype(np.float32), val_item=val_item, test_item=test_item,
+                 cohort_k=cohort_k, stats=stats)
+
+
+def _weights(log: IndexedLog, use_ratings: bool) -> np.ndarray:
+    if use_ratings and log.rating is not None:
+        top = float(np.max(log.rating)) if len(log.rating) else 1.0
+        return (log.rating / (top or 1.0)).astype(np.float32)  # DMF normalizes by the max rating
+    return np.ones(len(log), np.float32)

@@ -1,0 +1,135 @@
+"""Ranking metrics for one held-out item per user, full ranking and the sampled protocol.
+
+`rank` is 1-based and pessimistic about ties: an item scored equal to the target counts as ranked above it,
+so a model that scores everything the same gets the worst rank, not the best.
+HR@K = [rank <= K]; with a single relevant item Recall@K equals HR@K; NDCG@K = 1/log2(rank + 1) if
+rank <= K else 0; MRR = 1/rank (no cut-off).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raysparse.data.split import Split
+
+KS = (5, 10, 20)
+SAMPLED_NEGATIVES = 100
+
+ScoreFn = Callable[[np.ndarray], torch.Tensor]  # user_idx (B,) -> scores (B, I) over every item
+
+
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, exclude_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """1-based rank of each target among non-excluded items. scores (B, I), targets (B,), mask (B, I) bool."""
+    scores = scores.float()
+    target_scores = scores.gather(1, targets[:, None])
+    beats = scores >= target_scores
+    if exclude_mask is not None:
+        beats &= ~exclude_mask
+    beats.scatter_(1, targets[:, None], False)  # the target does not outrank itself
+    return beats.sum(1) + 1
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Mean HR@K, NDCG@K, Recall@K and MRR over users. ranks (N,), 1-based."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {"users": int(len(ranks))}
+    if len(ranks) == 0:
+        return out
+    for k in ks:
+        hit = ranks <= k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"recall@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    out["mrr"] = float((1.0 / ranks).mean())
+    return out
+
+
+def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:
+    """Full-ranking ranks of each user's held-out item. Excluded: training items (+ validation item at test)."""
+    targets_all = split.targets(stage)
+    ranks = np.zeros(len(users), np.int64)
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        with torch.no_grad():
+            scores = torch.as_tensor(score_fn(batch)).float()
+        mask = exclusion_mask(split, batch, stage)
+        targets = torch.as_tensor(targets_all[batch])
+        ranks[start:start + len(batch)] = ranks_from_scores(scores, targets, mask).numpy()
+    return ranks
+
+
+def exclusion_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
+    mask = torch.zeros(len(users), split.n_items, dtype=torch.bool)
+    for row, u in enumerate(users):
+        mask[row, torch.as_tensor(split.exclusions(int(u), stage))] = True
+    return mask
+
+
+def sampled_candidates(split: Split, users: np.ndarray, stage: str, n: int = SAMPLED_NEGATIVES,
+                       seed: int = 0) -> np.ndarray:
+    """(N, n) seeded items per user, none seen in training nor the held-out items. Same for every model."""
+    rng = np.random.default_rng(seed + (0 if stage == "val" else 1))
+    out = np.zeros((len(users), n), np.int64)
+    for row, u in enumerate(users):
+        banned = set(split.history(int(u)).tolist()) | {int(split.val_item[u]), int(split.test_item[u])}
+        if split.n_items - len(banned) < n:
+            raise ValueError(f"sampled protocol needs {n} unseen items per user; catalogue has {split.n_items}.")
+        picked: list[int] = []
+        while len(picked) < n:
+            for c in rng.integers(0, split.n_items, size=2 * n).tolist():
+                if c not in banned:
+                    banned.add(c)
+                    picked.append(c)
+                    if len(picked) == n:
+                        break
+        out[row] = picked
+    return out
+
+
+def sampled_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256,
+                  seed: int = 0) -> np.ndarray:
+    """Rank of the held-out item among itself + 100 seeded unseen items (the protocol of the NCF/DMF papers)."""
+    candidates = sampled_candidates(split, users, stage, seed=seed)
+    targets_all = split.targets(stage)
+    ranks = np.zeros(len(users), np.int64)
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        with torch.no_grad():
+            scores = torch.as_tensor(score_fn(batch)).float()
+        cols = torch.as_tensor(np.concatenate([targets_all[batch][:, None], candidates[start:start + len(batch)]], 1))
+        sub = scores.gather(1, cols)
+        ranks[start:start + len(batch)] = ranks_from_scores(sub, torch.zeros(len(batch), dtype=torch.long)).numpy()
+    return ranks
+
+
+def cohort_groups(split: Split, users: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks over `users`: overall, warm (outside the cohort), cohort, and cohort_k{k} per k."""
+    k = split.cohort_k[users]
+    groups = {"overall": np.ones(len(users), bool), "warm": k == 0, "cohort": k > 0}
+    for value in sorted(set(k[k > 0].tolist())):
+        groups[f"cohort_k{value}"] = k == value
+    return groups
+
+
+def summarize(ranks: np.ndarray, split: Split, users: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, dict]:
+    return {name: metrics_from_ranks(ranks[mask], ks) for name, mask in cohort_groups(split, users).items()}
+
+
+def evaluate(score_fn: ScoreFn, split: Split, stage: str = "val", ks: tuple[int, ...] = KS, batch_size: int = 256,
+             sampled: bool = True, seed: int = 0, users: np.ndarray | None = None) -> dict[str, dict]:
+    """Full-ranking metrics by cohort group, and (labelled 'sampled100/...') the sampled protocol."""
+    users = split.evaluated_users if users is None else users
+    result = summarize(full_ranks(score_fn, split, users, stage, batch_size), split, users, ks)
+    if sampled:
+        s = summarize(sampled_ranks(score_fn, split, users, stage, batch_size, seed), split, users, ks)
+        result.update({f"sampled100/{name}": m for name, m in s.items()})
+    return result
+
+
+def flatten(result: dict[str, dict], prefix: str = "") -> dict[str, float]:
+    """{"overall": {"ndcg@10": x}} -> {"<prefix>overall/ndcg@10": x}."""
+    return {f"{prefix}{group}/{name}": value for group, metrics in result.items() for name, value in metrics.items()}
