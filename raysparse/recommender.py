@@ -1,0 +1,176 @@
+"""Recommender: the one scoring path used by offline evaluation, the Python API and the server.
+
+    rec = Recommender.load("runs/demo/artifact")
+    rec.recommend(user_ids=["u00042"], k=10)                # known users
+    rec.recommend(histories=[["i00007", "i00311"]], k=10)   # users unseen in training (fold-in), oldest first
+    rec.recommend(texts=["space opera with robots"], k=10)  # users described only by text
+
+Item vectors are computed once (at load, or by `refresh()` after training changes the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raysparse.config import Config
+from raysparse.data.examples import BatchBuilder, all_item_bags
+from raysparse.data.vocab import Vocab
+from raysparse.errors import UserError
+from raysparse.model.hybrid import HybridRecommender
+
+MAX_K = 1000
+
+
+@dataclass
+class Recommendation:
+    item_id: object
+    score: float
+
+
+class Recommender:
+    def __init__(self, model: HybridRecommender, config: Config, users: Vocab, items: Vocab,
+                 builder: BatchBuilder, tokenizer=None, item_table: pd.DataFrame | None = None):
+        self.model = model.eval()
+        self.config = config
+        self.users, self.items = users, items
+        self.builder = builder
+        self.tokenizer = tokenizer
+        self.item_table = item_table
+        self.item_vectors: torch.Tensor | None = None
+        self.refresh()
+
+    # ---- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Recommender":
+        from raysparse.artifact import load_artifact
+
+        return load_artifact(path)
+
+    def save(self, path: str | Path, metrics: dict | None = None) -> Path:
+        from raysparse.artifact import save_artifact
+
+        return save_artifact(self, path, metrics)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute every item vector (I, D) from the current weights."""
+        was_training = self.model.training
+        self.model.eval()
+        vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
+                for b in all_item_bags(self.builder)]
+        self.item_vectors = torch.cat(vecs).float()
+        self.model.train(was_training)
+
+    # ---- scoring (index space) ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        users = self.model.user_vectors(inputs).float()
+        self.model.train(was_training)
+        return self.model.score(users, self.item_vectors)
+
+    def score_users(self, user_idx: np.ndarray) -> torch.Tensor:
+        """(B, I) scores for known users from their training histories (the evaluation entry point)."""
+        items, weights = self.builder.user_histories([int(u) for u in user_idx])
+        return self.score_inputs(self.builder.user_inputs(items, weights))
+
+    def score_histories(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.score_inputs(self.builder.user_inputs(list(histories_newest_first)))
+
+    def encode_query_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """(B, H) encoder embeddings of free texts, and whether each was truncated to max_length."""
+        if self.model.text is None:
+            raise UserError("this model has no text tower (model.variant='dmf'); send a user_id or a history.")
+        max_length = self.config.data.max_length
+        full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        truncated = [len(ids) > max_length for ids in full]
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        with torch.no_grad():
+            emb = self.model.text.encode(enc["input_ids"], enc["attention_mask"])
+        return emb, truncated
+
+    def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        emb, _ = self.encode_query_texts(texts)
+        inputs = self.builder.user_inputs([np.zeros(0, np.int64) for _ in texts])
+        inputs.pop("input_ids", None)
+        inputs.pop("attention_mask", None)
+        inputs["query_emb"] = emb
+        return self.score_inputs(inputs)
+
+    # ---- public API (raw ids) ------------------------------------------------------------------------------
+    def recommend(self, user_ids: Sequence | None = None, histories: Sequence[Sequence] | None = None,
+                  texts: Sequence[str] | None = None, k: int = 10, exclude_seen: bool = True,
+                  exclude: Sequence | None = None) -> list[list[Recommendation]]:
+        """Top-k raw item ids with scores, one list per user.
+
+        user_ids: known users. histories: raw item ids per user, oldest first (with user_ids: new interactions
+        appended to the known history). texts: free-text descriptions of users with no history.
+        Seen items (training history + given history) are excluded unless exclude_seen=False; `exclude`
+        lists extra raw item ids to leave out for every user.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= min(MAX_K, len(self.items)):
+            raise UserError(f"k={k!r} must be an integer in [1, {min(MAX_K, len(self.items))}].")
+        given = [x is not None for x in (user_ids, histories, texts)]
+        if texts is not None and any(given[:2]):
+            raise UserError("send texts alone, or user_ids and/or histories; not texts with them.")
+        if not any(given):
+            raise UserError("nothing to recommend for: pass user_ids, histories or texts.")
+        seen: list[np.ndarray]
+        if texts is not None:
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise UserError("every text must be a non-empty string describing the user's interests.")
+            scores = self.score_texts(texts)
+            seen = [np.zeros(0, np.int64) for _ in texts]
+        else:
+            hist_idx = self._histories_newest_first(user_ids, histories)
+            scores = self.score_histories(hist_idx)
+            seen = [h for h in hist_idx]
+        excluded = self.items.to_idx(list(exclude)) if exclude else np.zeros(0, np.int64)
+        results = []
+        for row in range(scores.shape[0]):
+            s = scores[row].clone()
+            if exclude_seen and len(seen[row]):
+                s[torch.as_tensor(seen[row])] = float("-inf")
+            if len(excluded):
+                s[torch.as_tensor(excluded)] = float("-inf")
+            top = torch.topk(s, k)
+            results.append([Recommendation(self.items.raw_ids[int(i)], float(v))
+                            for v, i in zip(top.values, top.indices) if torch.isfinite(v)])
+        return results
+
+    def _histories_newest_first(self, user_ids, histories) -> list[np.ndarray]:
+        known: list[np.ndarray] | None = None
+        if user_ids is not None:
+            idx = self.users.to_idx(list(user_ids))
+            # Serving reads the full training history (newest first) for exclusions; the model input is
+            # capped at max_history inside user_inputs.
+            known = [self.builder.split.history(int(u))[::-1].copy() for u in idx]
+        new: list[np.ndarray] | None = None
+        if histories is not None:
+            if user_ids is not None and len(histories) != len(user_ids):
+                raise UserError(f"got {len(user_ids)} user_ids but {len(histories)} histories; send one each.")
+            new = []
+            for h in histories:
+                if isinstance(h, (str, bytes)) or not hasattr(h, "__len__"):
+                    raise UserError("each history must be a list of item ids, oldest first.")
+                if len(h) == 0 and user_ids is None:
+                    raise UserError("a history is empty: send at least one item id, or a text instead.")
+                new.append(self.items.to_idx(list(h))[::-1].copy() if len(h) else np.zeros(0, np.int64))
+        if known is None:
+            return new  # type: ignore[return-value]
+        if new is None:
+            return known
+        return [np.concatenate([n, k]) for n, k in zip(new, known)]
+
+    def item_info(self, item_id) -> dict:
+        idx = self.items.to_idx([item_id])[0]
+        row = {} if self.item_table is None else self.item_table.iloc[int(idx)].to_dict()
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

@@ -1,0 +1,104 @@
+"""One training step, the optimizer set-up and the plain single-process training loop.
+
+The Ray Train loop (raysparse.ray_train) runs the same `compute_loss` on the same batches, with a DeepSpeed
+engine in place of the torch optimizer; everything else here is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysparse.config import Config, TrainConfig
+
+
+def compute_loss(out: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+    """Mean loss over the batch from model outputs pos (B,), cand (B, M), neg_mask (B, M).
+
+    softmax: cross-entropy of the target against its valid sampled negatives (sampled softmax).
+    bce:     binary cross-entropy, target = 1 and each valid negative = 0 (negatives averaged per example);
+             with ratings as column/row weights this is DMF's normalized cross-entropy setting.
+    """
+    pos, cand, mask = out["pos"].float(), out["cand"].float(), out["neg_mask"]
+    neg = cand.masked_fill(~mask, float("-inf"))
+    if loss == "softmax":
+        logits = torch.cat([pos[:, None], neg], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+    if loss == "bce":
+        pos_loss = F.softplus(-pos)                                   # -log sigmoid(pos)
+        neg_loss = (F.softplus(cand) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return (pos_loss + neg_loss).mean()
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Encoder weights train at text_lr, everything else at lr. Frozen weights are left out."""
+    text, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (text if ".encoder." in f".{name}" else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr, "name": "dmf_fusion"}]
+    if text:
+        groups.append({"params": text, "lr": cfg.text_lr, "name": "text_encoder"})
+    return groups
+
+
+def warmup_decay(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over warmup_ratio of the steps, then linear decay to 10%."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.1, 1.0 - 0.9 * frac)
+
+    return factor
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainConfig, num_workers: int = 1) -> int:
+    steps = math.ceil(n_examples / (cfg.batch_size_per_worker * num_workers))
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def train_local(config: Config, prepared, model: nn.Module, builder, log: Callable[[dict], None] = print,
+                evaluate_fn: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
+    """Train in this process with AdamW. Returns one record per epoch (loss, seconds, examples/s, metrics)."""
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    n_examples = len(builder.training_examples(tc.example_mode)[0])
+    total = steps_per_epoch(n_examples, tc) * tc.epochs // tc.grad_accum_steps
+    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(max(total, 1), tc.warmup_ratio))
+    history = []
+    for epoch in range(tc.epochs):
+        model.train()
+        t0, seen, losses = time.perf_counter(), 0, []
+        for step, batch in enumerate(builder.iterate_epoch(tc.batch_size_per_worker, rng, tc.example_mode,
+                                                           tc.max_steps_per_epoch)):
+            loss = compute_loss(model(batch), tc.loss) / tc.grad_accum_steps
+            loss.backward()
+            if (step + 1) % tc.grad_accum_steps == 0:
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item() * tc.grad_accum_steps)
+            seen += len(batch["user_idx"])
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "train_seconds": seconds, "examples_per_s": seen / max(seconds, 1e-9)}
+        if evaluate_fn is not None:
+            record.update(evaluate_fn(model, epoch + 1))
+        history.append(record)
+        log(record)
+    return history
