@@ -1,1 +1,10 @@
-"""raysparse."""
+"""raysparse: recommenders for sparse users — a BERT text tower fused with Deep Matrix Factorization.
+
+The core (config, data, model, step, metrics, artifact, recommender) needs neither Ray nor DeepSpeed;
+the Ray shells live in raysparse.ray_data / ray_train / ray_tune / ray_serve.
+"""
+
+from raysparse.recommender import Recommendation, Recommender
+
+__all__ = ["Recommender", "Recommendation"]
+__version__ = "0.1.0"

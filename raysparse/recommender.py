@@ -10,6 +10,7 @@ Item vectors are computed once (at load, or by `refresh()` after training change
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,7 @@ class Recommendation:
 class Recommender:
     def __init__(self, model: HybridRecommender, config: Config, users: Vocab, items: Vocab,
                  builder: BatchBuilder, tokenizer=None, item_table: pd.DataFrame | None = None):
-        self.model = model.eval()
+        self.model = model
         self.config = config
         self.users, self.items = users, items
         self.builder = builder
@@ -57,24 +58,30 @@ class Recommender:
 
         return save_artifact(self, path, metrics)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode (no dropout) and no autograd, restoring the training flag: the same model object is
+        scored between epochs of a training run."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
     def refresh(self) -> None:
         """Recompute every item vector (I, D) from the current weights."""
-        was_training = self.model.training
-        self.model.eval()
-        vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
-                for b in all_item_bags(self.builder)]
+        with self._inference():
+            vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
+                    for b in all_item_bags(self.builder)]
         self.item_vectors = torch.cat(vecs).float()
-        self.model.train(was_training)
 
     # ---- scoring (index space) ----------------------------------------------------------------------------
-    @torch.no_grad()
     def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        users = self.model.user_vectors(inputs).float()
-        self.model.train(was_training)
-        return self.model.score(users, self.item_vectors)
+        with self._inference():
+            users = self.model.user_vectors(inputs).float()
+            return self.model.score(users, self.item_vectors)
 
     def score_users(self, user_idx: np.ndarray) -> torch.Tensor:
         """(B, I) scores for known users from their training histories (the evaluation entry point)."""
@@ -93,7 +100,7 @@ class Recommender:
         truncated = [len(ids) > max_length for ids in full]
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt")
-        with torch.no_grad():
+        with self._inference():
             emb = self.model.text.encode(enc["input_ids"], enc["attention_mask"])
         return emb, truncated
 

@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy baselines, training throughput, serving load, GPU check."""

@@ -1,0 +1,202 @@
+"""Known answers for the hybrid model: planted structure, leakage, artifact round trip, the Python API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysparse.build import prepare_data
+from raysparse.config import config_from_dict
+from raysparse.data.text import render_item_texts
+from raysparse.errors import UnknownIdError, UserError
+from raysparse.local import build_recommender, run_local
+from raysparse.recommender import Recommender
+
+
+def checkerboard(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two user groups each consume all 10 items of their group (random order). At test, the only unseen
+    item of the user's group is the held-out one: it must rank first (the implicit library's known answer)."""
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(20)],
+                          "title": [("red apple" if i < 10 else "blue ocean") + f" {i}" for i in range(20)]})
+    rows = [(f"u{u}", f"i{i}", t) for u in range(60) for t, i in enumerate(rng.permutation(10) + 10 * (u % 2))]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]), items
+
+
+def tiny_config(tmp_path, encoder: str, **model) -> object:
+    base = {"variant": "fused", "text_model": encoder, "finetune": "frozen", "text_dim": 16, "fusion_dim": 16,
+            "dmf_user_layers": [16], "dmf_item_layers": [16], "dropout": 0.0, "modality_dropout": 0.0}
+    base.update(model)
+    return config_from_dict({
+        "output": str(tmp_path), "data": {"text_template": "{title}. {genres}", "max_length": 32, "cohort_fraction": 0},
+        "model": base, "train": {"epochs": 10, "batch_size_per_worker": 32, "negatives_per_positive": 8, "lr": 0.02}})
+
+
+@pytest.fixture(scope="module")
+def checker_encoder(tmp_path_factory):
+    from raysparse.model.text import build_tiny_encoder
+
+    texts = render_item_texts(checkerboard()[1], "{title}")
+    return build_tiny_encoder(tmp_path_factory.mktemp("enc"), texts + ["red apple pie"])
+
+
+@pytest.mark.parametrize("variant", ["dmf", "fused"])
+def test_planted_holdout_ranks_first(tmp_path, checker_encoder, variant):
+    cfg = tiny_config(tmp_path, checker_encoder, variant=variant)
+    _, summary = run_local(cfg, prepare_data(cfg, checkerboard()), log=lambda s: None, save=False)
+    assert summary["test"]["test/overall/mrr"] == 1.0
+
+
+# ---- leakage -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fused_top(tmp_path_factory, frames, tiny_encoder):
+    cfg = config_from_dict({
+        "output": str(tmp_path_factory.mktemp("run")), "data": {"text_template": "{title}. {genres}", "max_length": 24},
+        "model": {"variant": "fused", "text_model": tiny_encoder, "finetune": "top", "text_dim": 16, "fusion_dim": 16,
+                  "dmf_user_layers": [16], "dmf_item_layers": [16]},
+        "train": {"epochs": 1, "batch_size_per_worker": 64, "negatives_per_positive": 16}})
+    prepared = prepare_data(cfg, frames)
+    return cfg, prepared, build_recommender(cfg, prepared)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "rest"])
+def test_training_inputs_never_contain_the_target(fused_top, mode):
+    _, prepared, rec = fused_top
+    builder = rec.builder
+    users, targets, positions = builder.training_examples(mode)
+    histories, _ = builder.example_histories(users, positions, mode)
+    assert len(users) > 100
+    for u, t, p, h in zip(users, targets, positions, histories):
+        assert t not in h.tolist()
+        full = prepared.split.history(u)
+        expected = full[:p][::-1] if mode == "prefix" else np.delete(full, p)[::-1]
+        assert h.tolist() == expected[: builder.max_history].tolist()
+    # The text of an example is built from its history only: same token ids as rendering that history.
+    batch = builder.collate(users[:8], targets[:8], histories[:8], None, np.random.default_rng(0))
+    again = builder.item_text.batch([h.tolist() for h in histories[:8]], builder.max_length)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    bags = np.split(batch["hist_items"].numpy(), batch["hist_offsets"].numpy()[1:])
+    for bag, t in zip(bags, targets[:8]):
+        assert t not in bag.tolist()
+
+
+def test_target_score_uses_its_column_without_the_user(fused_top):
+    _, _, rec = fused_top
+    model, builder = rec.model.eval(), rec.builder
+    users, targets, positions = builder.training_examples("prefix")
+    sel = np.arange(6)
+    histories, weights = builder.example_histories(users[sel], positions[sel], "prefix")
+    batch = builder.collate(users[sel], targets[sel], histories, weights, np.random.default_rng(1))
+    assert (batch["target_col_weight"] > 0).all()  # the user is in each target's training column
+    with torch.no_grad():
+        out = model(batch)
+        user_vecs = model.user_vectors(batch)
+        for row, (u, t) in enumerate(zip(users[sel], targets[sel])):
+            col = builder.columns[t]
+            keep = col.indices != u
+            vec = model.item_vectors(torch.tensor([t]), torch.from_numpy(col.indices[keep].astype(np.int64)),
+                                     torch.tensor([0]), torch.from_numpy(col.data[keep].astype(np.float32)))
+            expected = model.score_pairs(user_vecs[row:row + 1], vec)[0]
+            assert out["pos"][row] == pytest.approx(float(expected), abs=1e-5)
+    # Sampled negatives never include the user's own training items.
+    seen = builder.seen[users[sel]][:, batch["cand_items"].numpy()].toarray() != 0
+    assert not (batch["neg_mask"].numpy() & seen).any()
+
+
+def test_evaluation_inputs_hold_training_items_only(fused_top):
+    _, prepared, rec = fused_top
+    split = prepared.split
+    for u in split.evaluated_users:
+        items, _ = rec.builder.user_histories([u])
+        assert items[0].tolist() == split.history(u)[::-1][: rec.builder.max_history].tolist()
+        assert split.val_item[u] not in items[0] and split.test_item[u] not in items[0]
+        assert rec.builder.columns[split.test_item[u], u] == 0 and rec.builder.columns[split.val_item[u], u] == 0
+
+
+# ---- artifact and API ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, frames, tiny_encoder):
+    out = tmp_path_factory.mktemp("trained")
+    cfg = config_from_dict({
+        "output": str(out), "data": {"text_template": "{title}. {genres}", "max_length": 24},
+        "model": {"variant": "fused", "text_model": tiny_encoder, "finetune": "top", "text_dim": 16, "fusion_dim": 16,
+                  "dmf_user_layers": [16], "dmf_item_layers": [16]},
+        "train": {"epochs": 1, "batch_size_per_worker": 64, "negatives_per_positive": 16}})
+    rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None)
+    return rec, out / "artifact"
+
+
+def test_artifact_round_trip_scores_equal_and_no_pickles(trained):
+    rec, path = trained
+    loaded = Recommender.load(path)
+    users = np.arange(5)
+    assert torch.allclose(loaded.score_users(users), rec.score_users(users), atol=1e-5)
+    assert torch.allclose(loaded.score_texts(["galaxy rocket"]), rec.score_texts(["galaxy rocket"]), atol=1e-5)
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ".parquet", ".txt"}, suffixes
+    assert json.loads((path / "format.json").read_text())["version"] == 1
+
+
+def test_recommend_three_paths_exclude_seen_and_raw_ids(trained):
+    rec, _ = trained
+    known = rec.recommend(user_ids=["u001"], k=5)[0]
+    seen = set(rec.items.to_raw(rec.builder.split.history(rec.users.to_idx(["u001"])[0])))
+    assert len(known) == 5 and not seen & {r.item_id for r in known}
+    fold_in = rec.recommend(histories=[["i001", "i005"]], k=5)[0]
+    assert {"i001", "i005"}.isdisjoint({r.item_id for r in fold_in})
+    assert [r.score for r in fold_in] == sorted([r.score for r in fold_in], reverse=True)
+    text = rec.recommend(texts=["galaxy rocket orbit"], k=3)[0]
+    assert len(text) == 3 and all(r.item_id in rec.items for r in text)
+    # exclude_seen=False lets a seen item back in; exclude removes a named one.
+    everything = rec.recommend(histories=[["i001"]], k=len(rec.items), exclude_seen=False)[0]
+    assert "i001" in {r.item_id for r in everything}
+    some = rec.recommend(histories=[["i001"]], k=5, exclude=[fold_in[0].item_id])[0]
+    assert fold_in[0].item_id not in {r.item_id for r in some}
+
+
+def test_recommend_errors_say_what_to_send(trained):
+    rec, path = trained
+    with pytest.raises(UserError, match=r"k=0 must be an integer in \[1, 40\]"):
+        rec.recommend(user_ids=["u001"], k=0)
+    with pytest.raises(UnknownIdError, match="unknown user id.*'nobody'"):
+        rec.recommend(user_ids=["nobody"])
+    with pytest.raises(UnknownIdError, match=r"unknown item id.*\['zzz'\]") as err:
+        rec.recommend(histories=[["i001", "zzz"]])
+    assert err.value.unknown == ["zzz"]
+    with pytest.raises(UserError, match="non-empty string"):
+        rec.recommend(texts=["  "])
+    with pytest.raises(UserError, match="history is empty"):
+        rec.recommend(histories=[[]])
+    with pytest.raises(UserError, match="not a raysparse artifact"):
+        Recommender.load(path.parent)
+
+
+NO_RAY = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("ray", "deepspeed"):
+            raise ImportError(f"blocked import of {name}")
+sys.meta_path.insert(0, Block())
+import raysparse
+from raysparse import Recommender
+rec = Recommender.load(sys.argv[1])
+print(rec.recommend(user_ids=["u001"], k=3)[0][0].item_id)
+print(rec.recommend(texts=["galaxy"], k=3)[0][0].item_id)
+assert not any(m.split(".")[0] in ("ray", "deepspeed") for m in sys.modules)
+print("ok")
+"""
+
+
+def test_core_api_works_without_ray_or_deepspeed(trained):
+    _, path = trained
+    proc = subprocess.run([sys.executable, "-c", NO_RAY, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
