@@ -76,7 +76,7 @@ def train_local(config: Config, prepared, model: nn.Module, builder, log: Callab
     rng = np.random.default_rng(tc.seed)
     n_examples = len(builder.training_examples(tc.example_mode)[0])
     total = steps_per_epoch(n_examples, tc) * tc.epochs // tc.grad_accum_steps
-    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(max(total, 1), tc.warmup_ratio))
     history = []
     for epoch in range(tc.epochs):

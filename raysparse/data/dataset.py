@@ -38,7 +38,7 @@ def index_interactions(interactions: pd.DataFrame, items: pd.DataFrame) -> Index
     """Map raw ids to indices. Items follow catalogue order (every catalogue item is rankable, even unseen
     ones); users follow first appearance. Interactions must already be validated against the catalogue."""
     item_vocab = Vocab(items["item_id"].tolist(), kind="item")
-    item_idx = item_vocab.lookup(interactions["item_id"].to_numpy())
+    item_idx = _catalogue_index(interactions["item_id"], items["item_id"])
     if (item_idx < 0).any():
         missing = interactions["item_id"].to_numpy()[item_idx < 0]
         raise DataError(f"{len(missing)} interactions name items missing from the catalogue, e.g. "
@@ -54,3 +54,19 @@ def index_interactions(interactions: pd.DataFrame, items: pd.DataFrame) -> Index
     rating = interactions["rating"].to_numpy(dtype=np.float32) if "rating" in interactions.columns else None
     return IndexedLog(user_idx=user_codes.astype(np.int64), item_idx=item_idx, timestamp=timestamp,
                       rating=rating, users=users, items=item_vocab)
+
+
+def _catalogue_index(item_ids: pd.Series, catalogue_ids: pd.Series) -> np.ndarray:
+    """Position of each interaction's item in the catalogue (-1 if absent). pyarrow's hash lookup avoids
+    turning millions of string ids into Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if item_ids.dtype.kind in "iu" and catalogue_ids.dtype.kind in "iu":
+        return pd.Index(catalogue_ids).get_indexer(item_ids).astype(np.int64)
+    values = pa.array(item_ids.astype(str)) if item_ids.dtype.kind in "iu" else pa.array(item_ids)
+    value_set = pa.array(catalogue_ids.astype(str)) if catalogue_ids.dtype.kind in "iu" else pa.array(catalogue_ids)
+    if values.type != value_set.type:
+        values, value_set = values.cast(pa.string()), value_set.cast(pa.string())
+    found = pc.index_in(values, value_set=value_set)
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: load a dataset given as a standard-schema folder or a MovieLens layout,
+and print aligned tables."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_ML = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-latest-small"
+
+
+def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(interactions, items) from a standard-schema folder, or a MovieLens folder when `fmt` names one."""
+    from raysparse.data.io import load_dataset
+
+    if fmt:
+        from raysparse.data.movielens import convert_movielens
+
+        out = tempfile.mkdtemp(prefix="raysparse-bench-")
+        convert_movielens(fmt, data, out)
+        data = out
+    interactions, items, _ = load_dataset(data)
+    return interactions, items
+
+
+def guess_format(data: str) -> str:
+    """'movielens-latest' etc. when the folder holds a GroupLens layout, else '' (standard schema)."""
+    p = Path(data)
+    if (p / "ratings.csv").exists() and (p / "movies.csv").exists():
+        return "movielens-latest"
+    if (p / "ratings.dat").exists():
+        return "movielens-1m"
+    if (p / "u.data").exists():
+        return "movielens-100k"
+    return ""
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Markdown table of `rows`; floats printed with 4 significant decimals. Returns the text."""
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
