@@ -15,7 +15,8 @@ COMMAND_MODULES = [
     "raysparse.data.cli",        # data synthetic | convert | check
     "raysparse.train_cli",       # train (--local or on Ray)
     "raysparse.bench.cli",       # bench data | step | train | gpu | serve | accuracy
-    "raysparse.extra_cli",       # tune | serve | query | demo
+    "raysparse.extra_cli",       # tune | serve | query
+    "raysparse.demo",            # demo
 ]
 
 
