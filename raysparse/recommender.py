@@ -63,12 +63,14 @@ class Recommender:
         """Eval mode (no dropout) and no autograd, restoring the training flag: the same model object is
         scored between epochs of a training run."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # .eval() walks every submodule: skip it on the serving hot path
+            self.model.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train(True)
 
     def refresh(self) -> None:
         """Recompute every item vector (I, D) from the current weights."""

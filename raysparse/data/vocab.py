@@ -19,6 +19,7 @@ class Vocab:
         self.kind = kind
         self.raw_ids = list(raw_ids)
         self._index = pd.Index(self.raw_ids)
+        self._positions: dict | None = None
         if not self._index.is_unique:
             dup = self._index[self._index.duplicated()][:5].tolist()
             raise ValueError(f"{kind} vocabulary has duplicate ids, e.g. {dup}")
@@ -36,8 +37,15 @@ class Vocab:
 
     def lookup(self, raw_ids: Sequence) -> np.ndarray:
         """Dense indices, -1 for unknown ids. Accepts "42" for an integer vocabulary (JSON clients send strings)."""
-        values = pd.Index(list(raw_ids) if not isinstance(raw_ids, (pd.Series, np.ndarray, pd.Index)) else raw_ids)
-        idx = self._index.get_indexer(values)
+        if isinstance(raw_ids, (list, tuple)) and len(raw_ids) <= 64:
+            # Serving looks up a handful of ids per request: a dict beats building a pandas Index.
+            if self._positions is None:
+                self._positions = {raw: i for i, raw in enumerate(self.raw_ids)}
+            idx = np.array([self._positions.get(r, -1) if _hashable(r) else -1 for r in raw_ids], np.int64)
+            values = pd.Index(list(raw_ids), dtype=object)
+        else:
+            values = pd.Index(list(raw_ids) if not isinstance(raw_ids, (pd.Series, np.ndarray, pd.Index)) else raw_ids)
+            idx = self._index.get_indexer(values)
         if (idx < 0).any() and self._index.dtype.kind in "iu":
             # Retry the misses as integers: "42" and 42.0 name the same item.
             for pos in np.flatnonzero(idx < 0):
@@ -75,3 +83,11 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,228 @@
+"""The Python client and `raysparse query`, against the same FastAPI app served without Ray (uvicorn in a
+thread), plus the `serve` command's argument handling. No Ray here: these run in the fast default suite."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysparse.cli import build_parser, main
+from raysparse.client import ClientError, RecommenderClient, RequestRejected, ServerUnreachable
+from raysparse.ray_serve import ServeConfig, artifact_token, serve_config_from_args
+
+
+def make_artifact(tmp_path_factory, frames, encoder: str, seed: int = 0, variant: str = "fused") -> str:
+    """A tiny trained artifact, built once per pytest session (cached under the session's base temp dir)."""
+    from raysparse.build import prepare_data
+    from raysparse.config import config_from_dict
+    from raysparse.local import run_local
+
+    out = Path(tmp_path_factory.getbasetemp()) / f"serve_artifact_{variant}_{seed}"
+    if not (out / "artifact" / "format.json").exists():
+        cfg = config_from_dict({
+            "output": str(out), "data": {"text_template": "{title}. {genres}", "max_length": 32},
+            "model": {"variant": variant, "text_model": encoder, "finetune": "top", "text_dim": 16,
+                      "fusion_dim": 16, "dmf_user_layers": [32, 16], "dmf_item_layers": [32, 16]},
+            "train": {"epochs": 1, "batch_size_per_worker": 64, "negatives_per_positive": 16, "seed": seed}})
+        run_local(cfg, prepare_data(cfg, frames), log=lambda _: None)
+    return str(out / "artifact")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PlainServer:
+    """`build_plain_app(artifact)` under uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, artifact: str):
+        import uvicorn
+
+        from raysparse.ray_serve import build_plain_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_plain_app(artifact), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "PlainServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, frames, tiny_encoder) -> str:
+    return make_artifact(tmp_path_factory, frames, tiny_encoder, seed=0)
+
+
+@pytest.fixture(scope="module")
+def rec(artifact):
+    from raysparse.recommender import Recommender
+
+    return Recommender.load(artifact)
+
+
+@pytest.fixture(scope="module")
+def url(artifact):
+    with PlainServer(artifact) as server:
+        yield server.url
+
+
+@pytest.fixture()
+def client(url):
+    with RecommenderClient(url) as c:
+        yield c
+
+
+def assert_same(result, expected) -> None:
+    assert result.item_ids == [r.item_id for r in expected]
+    np.testing.assert_allclose([i.score for i in result.items], [r.score for r in expected], rtol=0, atol=1e-5)
+
+
+# ---- the Python client ------------------------------------------------------------------------------------------
+
+
+def test_client_paths_match_the_recommender(client, rec, artifact):
+    warm = client.recommend(user_id="u001", k=5)
+    assert warm.path == "warm" and warm.model_id == artifact_token(artifact)
+    assert_same(warm, rec.recommend(user_ids=["u001"], k=5)[0])
+    assert warm.items[0].title == rec.item_info(warm.items[0].item_id)["title"]
+    fold_in = client.recommend(history=("i001", "i005"), exclude=["i009"])
+    assert fold_in.path == "fold_in"
+    assert_same(fold_in, rec.recommend(histories=[["i001", "i005"]], exclude=["i009"])[0])
+    text = client.recommend(text="wizard castle", k=3, exclude_seen=False)
+    assert text.path == "text" and text.notes == []
+    assert_same(text, rec.recommend(texts=["wizard castle"], k=3)[0])
+
+
+def test_client_item_and_health(client, rec):
+    assert client.item("i007")["title"] == rec.item_info("i007")["title"]
+    health = client.health()
+    assert health["status"] == "ok" and health["items"] == 40 and health["users"] == 120
+
+
+def test_client_raises_the_servers_message(client):
+    with pytest.raises(RequestRejected, match=r"server answered 404: user_id 'nobody' is not a user known") as err:
+        client.recommend(user_id="nobody")
+    assert err.value.status == 404 and err.value.unknown == ["nobody"]
+    with pytest.raises(RequestRejected, match=r"422: unknown item id\(s\) in history: \['x1', 'x2'\]") as err:
+        client.recommend(history=["i001", "x1", "x2"])
+    assert err.value.unknown == ["x1", "x2"]
+    with pytest.raises(RequestRejected, match=r"404: item_id 'zz' is not in the 40-item catalogue"):
+        client.item("zz")
+    with pytest.raises(ClientError, match=r"history='i001' must be a list of item ids"):
+        client.recommend(history="i001")
+
+
+def test_client_says_when_no_server_answers():
+    with RecommenderClient(f"http://127.0.0.1:{free_port()}", timeout_s=5) as c:
+        with pytest.raises(ServerUnreachable, match=r"is the server running\? Start it with `raysparse serve"):
+            c.health()
+    with pytest.raises(ClientError, match=r"must start with http:// or https://"):
+        RecommenderClient("127.0.0.1:8000")
+
+
+# ---- raysparse query -------------------------------------------------------------------------------------------
+
+
+def test_query_prints_a_table_and_json(url, rec, capsys):
+    assert main(["query", "--url", url, "--user-id", "u001", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    expected = rec.recommend(user_ids=["u001"], k=3)[0]
+    assert out.startswith("path=warm model=") and all(r.item_id in out for r in expected)
+    assert main(["query", "--url", url, "--history", "i001", "i005", "-k", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["path"] == "fold_in" and [i["item_id"] for i in data["items"]] == \
+        [r.item_id for r in rec.recommend(histories=[["i001", "i005"]], k=2)[0]]
+    assert main(["query", "--url", url, "--health"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    assert main(["query", "--url", url, "--item", "i002"]) == 0
+    assert json.loads(capsys.readouterr().out)["item_id"] == "i002"
+
+
+def test_query_errors_are_one_line(url, capsys):
+    assert main(["query", "--url", url, "--user-id", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: server answered 404: user_id 'nobody'") and err.count("\n") == 1
+    assert main(["query", "--url", url, "--text", "x", "--item", "i001"]) == 2
+    assert "send one of: --user-id and/or --history, --text, --item or --health" in capsys.readouterr().err
+    assert main(["query", "--url", url, "--text", "space", "-k", "0"]) == 2
+    assert "k=0 is invalid" in capsys.readouterr().err
+
+
+# ---- raysparse serve: arguments ---------------------------------------------------------------------------------
+
+
+def test_serve_flags_map_onto_serve_config():
+    args = build_parser().parse_args([
+        "serve", "--artifact", "x", "--port", "9123", "--min-replicas", "1", "--max-replicas", "3",
+        "--num-cpus-per-replica", "2", "--num-gpus-per-replica", "0.5", "--max-batch-size", "32",
+        "--batch-wait-timeout-s", "0.01", "--no-access-log"])
+    config = serve_config_from_args(args)
+    assert config == ServeConfig(port=9123, min_replicas=1, max_replicas=3, num_cpus_per_replica=2.0,
+                                 num_gpus_per_replica=0.5, max_batch_size=32, batch_wait_timeout_s=0.01,
+                                 access_log=False)
+    assert config.host == "127.0.0.1" and config.autoscaling and config.torch_threads == 2
+
+
+def test_serve_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
+    assert main(["serve", "--artifact", str(tmp_path), "--max-batch-size", "100"]) == 2
+    assert "raise --max-ongoing-requests to at least 100" in capsys.readouterr().err
+    assert main(["serve", "--artifact", str(tmp_path)]) == 2
+    assert "is not a raysparse artifact (no format.json)" in capsys.readouterr().err
+
+
+# ---- the HTTP layer needs no Ray ----------------------------------------------------------------------------
+
+
+def test_http_layer_and_client_import_without_ray(artifact):
+    """Block `ray` and serve one request through the plain app: the API runs where Ray is not installed."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is blocked in this test")
+sys.meta_path.insert(0, Block())
+from fastapi.testclient import TestClient
+from raysparse.ray_serve import build_plain_app
+import raysparse.client, raysparse.extra_cli
+response = TestClient(build_plain_app({artifact!r})).post("/recommend", json={{"user_id": "u001", "k": 2}})
+assert response.status_code == 200, response.text
+print(response.json()["path"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "warm"
+
+
+def test_text_on_a_model_without_text_tower_is_a_422(tmp_path_factory, frames, tiny_encoder):
+    from fastapi.testclient import TestClient
+
+    from raysparse.ray_serve import build_plain_app
+
+    dmf = make_artifact(tmp_path_factory, frames, tiny_encoder, seed=0, variant="dmf")
+    http = TestClient(build_plain_app(dmf))
+    response = http.post("/recommend", json={"text": "galaxy"})
+    assert response.status_code == 422
+    assert "this model has no text tower (model.variant='dmf'); send a user_id or a history" in response.text
+    assert http.post("/recommend", json={"user_id": "u001"}).json()["path"] == "warm"
