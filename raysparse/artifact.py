@@ -98,7 +98,7 @@ def load_artifact(path: str | Path):
         text_tower = TextTower(encoder, config.model.pooling, config.model.finetune, config.model.finetune_top_layers,
                                config.model.text_dim, config.data.max_history, state["text.item_text_emb"])
         item_text = ItemText.build(tokenizer, table["text"].fillna("").tolist())
-    model = HybridRecommender(config.model, n_users, n_items, text_tower)
+    model = HybridRecommender(config.model, n_users, n_items, text_tower, config.data.max_history)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"artifact {str(path)!r} does not match its config: missing weights {missing[:5]}, "

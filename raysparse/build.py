@@ -68,14 +68,14 @@ def build_model(config: Config, n_users: int, n_items: int, item_texts: list[str
     torch.manual_seed(config.train.seed)
     mc = config.model
     if not mc.uses_text:
-        return HybridRecommender(mc, n_users, n_items), None, None
+        return HybridRecommender(mc, n_users, n_items, max_history=config.data.max_history), None, None
     encoder, tokenizer = load_encoder(mc.text_model, mc.trust_remote_code)
     item_emb = cached_item_embeddings(encoder, tokenizer, item_texts, mc.pooling,
                                       resolve_text_model(mc.text_model), cache_dir)
     tower = TextTower(encoder, mc.pooling, mc.finetune, mc.finetune_top_layers, mc.text_dim,
                       config.data.max_history, item_emb)
     item_text = ItemText.build(tokenizer, item_texts)
-    return HybridRecommender(mc, n_users, n_items, tower), tokenizer, item_text
+    return HybridRecommender(mc, n_users, n_items, tower, config.data.max_history), tokenizer, item_text
 
 
 def build_batches(config: Config, split: Split, item_text: ItemText | None) -> BatchBuilder:

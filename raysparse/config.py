@@ -52,6 +52,8 @@ class DataConfig:
     cohort_fraction: float = _f(0.2, "Share of evaluated users forming the sparse cohort (0 turns it off).")
     cohort_ks: list = _f([1, 2, 3, 5], "Training-history lengths the sparse cohort is cut to, drawn uniformly.")
     split_seed: int = _f(0, "Seed of the cohort draw and of the sampled-protocol negatives.")
+    cache_dir: str = _f("", "Cache of item-text embeddings, keyed by encoder + texts, shared by runs and Tune "
+                            "trials. Empty: $RAYSPARSE_CACHE or ~/.cache/raysparse.")
 
     def __post_init__(self) -> None:
         _choice("data.on_bad_rows", self.on_bad_rows, ("fail", "quarantine"))
@@ -65,6 +67,12 @@ class DataConfig:
         _positive("data.max_history", self.max_history)
         _positive("data.synthetic_users", self.synthetic_users)
         _positive("data.synthetic_items", self.synthetic_items)
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        import os
+
+        return self.cache_dir or os.environ.get("RAYSPARSE_CACHE") or os.path.expanduser("~/.cache/raysparse")
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,10 @@ class ModelConfig:
     modality_dropout: float = _f(0.1, "Probability, per training example, of dropping the DMF row (fused only), "
                                       "so the text path learns to stand alone for very sparse users.")
     dropout: float = _f(0.1, "Dropout inside the MLPs.")
+    recency: bool = _f(True, "Learn a weight per recency slot (newest first) for the DMF row, so the row "
+                             "encodes order as well as membership: the next item follows the latest ones.")
+    gate: bool = _f(False, "Fused only: scale the text and DMF user vectors by a gate learned from the "
+                           "history length, so very short histories can lean on text.")
 
     def __post_init__(self) -> None:
         _choice("model.variant", self.variant, ("fused", "dmf", "text"))

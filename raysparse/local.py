@@ -48,7 +48,7 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     t0 = time.perf_counter()
     prepared = prepared or prepare_data(config)
     log(f"data: {json.dumps(prepared.split.stats)}")
-    rec = build_recommender(config, prepared, str(Path(config.output) / "cache"))
+    rec = build_recommender(config, prepared, config.data.resolved_cache_dir)
     best: dict = {"score": -1.0}
 
     def on_epoch(model, epoch: int) -> dict:

@@ -19,7 +19,8 @@ from raysparse.model.text import TextTower
 
 
 class HybridRecommender(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_users: int, n_items: int, text_tower: TextTower | None = None):
+    def __init__(self, cfg: ModelConfig, n_users: int, n_items: int, text_tower: TextTower | None = None,
+                 max_history: int = 50):
         super().__init__()
         if cfg.uses_text and text_tower is None:
             raise ValueError(f"model.variant={cfg.variant!r} needs a text tower")
@@ -34,6 +35,13 @@ class HybridRecommender(nn.Module):
         self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], d)
         self.item_text_proj = (nn.Linear(text_tower.hidden_size, d, bias=False)
                                if cfg.uses_text and cfg.item_text else None)
+        # One weight per recency slot of the DMF row (slot 0 = newest), exp(0) = 1 at the start.
+        self.row_recency = nn.Parameter(torch.zeros(max_history)) if cfg.uses_dmf and cfg.recency else None
+        # Gate from log(1 + history length) to a scale for each of the two user parts (starts at 1, 1).
+        self.gate = nn.Linear(1, 2) if cfg.variant == "fused" and cfg.gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     # ---- user side -------------------------------------------------------------------------------------
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,7 +50,15 @@ class HybridRecommender(nn.Module):
         if self.text is not None:
             parts.append(self.text(batch))
         if self.dmf_user is not None:
-            parts.append(self.dmf_user(batch["hist_items"], batch["hist_offsets"], batch["hist_weights"]))
+            weights = batch["hist_weights"]
+            if self.row_recency is not None:
+                slots = batch["hist_pos"].clamp(max=len(self.row_recency) - 1)
+                weights = weights * torch.exp(self.row_recency[slots])
+            parts.append(self.dmf_user(batch["hist_items"], batch["hist_offsets"], weights))
+        if self.gate is not None:
+            counts = bag_counts(batch["hist_offsets"], batch["hist_items"].numel()).to(parts[0].dtype)
+            scale = 2 * torch.sigmoid(self.gate(torch.log1p(counts)[:, None]))   # (B, 2), 1 at init
+            parts = [parts[0] * scale[:, :1], parts[1] * scale[:, 1:]]
         if self.training and self.cfg.variant == "fused" and self.cfg.modality_dropout > 0:
             parts = self._modality_dropout(parts)
         return self.fusion(torch.cat(parts, dim=1))

@@ -168,16 +168,15 @@ class TextTower(nn.Module):
         return pool(hidden, attention_mask, self.pooling)
 
     def pool_history(self, items: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Frozen mode: items (N,) newest-first per bag, offsets (B,), positions (N,) 0 = newest -> (B, H)."""
-        from raysparse.model.dmf import bag_counts
+        """Frozen mode: items (N,) newest-first per bag, offsets (B,), positions (N,) 0 = newest -> (B, H).
+        One fused embedding_bag over the cached table: softmax-normalised recency weights per bag."""
+        import torch.nn.functional as F
 
-        counts = bag_counts(offsets, items.numel())
-        segment = torch.repeat_interleave(torch.arange(len(offsets), device=items.device), counts)
         w = torch.exp(self.recency_logits[positions.clamp(max=len(self.recency_logits) - 1)])
-        num = torch.zeros(len(offsets), self.hidden_size, device=items.device, dtype=w.dtype)
-        num.index_add_(0, segment, self.item_text_emb[items] * w[:, None])
-        den = torch.zeros(len(offsets), device=items.device, dtype=w.dtype).index_add_(0, segment, w)
-        return num / den.clamp(min=1e-6)[:, None]
+        num = F.embedding_bag(items, self.item_text_emb, offsets, mode="sum", per_sample_weights=w)
+        ones = torch.ones(len(items), 1, dtype=w.dtype, device=w.device)
+        den = F.embedding_bag(torch.zeros_like(items), ones, offsets, mode="sum", per_sample_weights=w)
+        return num / den.clamp(min=1e-6)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "query_emb" in batch:            # free-text users, already encoded (H,)
