@@ -82,6 +82,7 @@ def build_batches(config: Config, split: Split, item_text: ItemText | None) -> B
     mc = config.model
     return BatchBuilder(split, item_text, max_history=config.data.max_history, max_length=config.data.max_length,
                         negatives=config.train.negatives_per_positive,
-                        with_tokens=mc.uses_text and mc.finetune != "frozen")
+                        with_tokens=mc.uses_text and mc.finetune != "frozen",
+                        target_gap_max=config.train.target_gap_max)
 
 

@@ -135,10 +135,13 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     loss: str = _f("softmax", "'softmax' (sampled softmax over the positive + negatives), 'bce' (binary "
                               "cross-entropy over sampled negatives; DMF's normalized CE with use_ratings).")
-    negatives_per_positive: int = _f(64, "Sampled negatives per positive (uniform over items the user "
-                                         "has not seen).")
+    negatives_per_positive: int = _f(64, "Uniform negatives per positive, shared by a batch and masked where "
+                                         "the user has seen them; 0 = every item (full softmax).")
     example_mode: str = _f("prefix", "'prefix': each training item is predicted from the items before it "
                                      "(what the last-item protocol asks). 'rest': from all other training items.")
+    target_gap_max: int = _f(1, "Prefix mode: an example's history may stop up to this many items before "
+                                "its target (drawn per example), matching test time where the validation "
+                                "item sits between the training history and the test item. 0 = next item only.")
     grad_accum_steps: int = _f(1, "Micro-batches per optimizer step.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping).")
     warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up; linear decay after.")
@@ -149,12 +152,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.loss", self.loss, ("softmax", "bce"))
         _choice("train.example_mode", self.example_mode, ("prefix", "rest"))
-        for name in ("epochs", "batch_size_per_worker", "lr", "negatives_per_positive", "grad_accum_steps",
-                     "eval_batch_size"):
+        for name in ("epochs", "batch_size_per_worker", "lr", "grad_accum_steps", "eval_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.text_lr", self.text_lr, allow_zero=True)
+        _positive("train.negatives_per_positive", self.negatives_per_positive, allow_zero=True)
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        _positive("train.target_gap_max", self.target_gap_max, allow_zero=True)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1).")
 

@@ -11,7 +11,8 @@ Batch dict (B examples, N history entries, M candidate items, K column entries):
   cand_items (M,)           col_users / col_weights (K,)  col_offsets (M,)   — candidates' item columns
   target_pos (B,)           index of each target in cand_items
   target_col_weight (B,)    weight of (user, target) in the target's column, removed before scoring
-  neg_mask (B, M)           True where the candidate is a sampled negative the user has never seen
+  neg_mask (B, M)           True where the candidate is a negative (sampled, or every item when
+                            negatives <= 0) that the user has never seen
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ class BatchBuilder:
     seen items out of the negatives), so every worker builds identical batches from the same split."""
 
     def __init__(self, split: Split, item_text: ItemText | None, *, max_history: int, max_length: int,
-                 negatives: int, with_tokens: bool):
+                 negatives: int, with_tokens: bool, target_gap_max: int = 0):
         self.split = split
         self.item_text = item_text
         self.max_history = max_history
         self.max_length = max_length
         self.negatives = negatives
         self.with_tokens = with_tokens
+        self.target_gap_max = target_gap_max
         self.seen = split.train_matrix(binary=False)          # (U, I) weights
         self.columns = self.seen.T.tocsr()                     # (I, U): DMF item inputs
         self.columns.sort_indices()
@@ -51,14 +53,23 @@ class BatchBuilder:
         has_history = positions >= 1 if mode == "prefix" else lengths[users] >= 2
         return users[has_history], self.split.train_items[has_history], positions[has_history]
 
-    def example_histories(self, users: np.ndarray, positions: np.ndarray, mode: str = "prefix"
-                          ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Inputs of each example, newest first, at most max_history items; never contains the target."""
+    def example_histories(self, users: np.ndarray, positions: np.ndarray, mode: str = "prefix",
+                          rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Inputs of each example, newest first, at most max_history items; never contains the target.
+
+        With `rng` and target_gap_max > 0 (prefix mode), the history of an example stops g in
+        [0, target_gap_max] items before the target (keeping at least one item). At test time the input is
+        the training history, so the test item comes two steps after it (the validation item sits between):
+        training on gaps teaches the model that case too.
+        """
+        gaps = np.zeros(len(users), np.int64)
+        if rng is not None and mode == "prefix" and self.target_gap_max > 0:
+            gaps = np.minimum(rng.integers(0, self.target_gap_max + 1, size=len(users)), positions - 1)
         items, weights = [], []
-        for u, p in zip(users.tolist(), positions.tolist()):
+        for u, p, g in zip(users.tolist(), positions.tolist(), gaps.tolist()):
             lo, hi = self.split.train_indptr[u], self.split.train_indptr[u + 1]
             if mode == "prefix":
-                idx = np.arange(lo, lo + p)
+                idx = np.arange(lo, lo + p - g)
             else:
                 idx = np.delete(np.arange(lo, hi), p)
             idx = idx[::-1][: self.max_history]
@@ -109,10 +120,16 @@ class BatchBuilder:
         """A training batch: inputs, candidates = targets + shared uniform negatives, masks."""
         users = np.asarray(users, np.int64)
         targets = np.asarray(targets, np.int64)
-        sampled = np.unique(rng.integers(0, self.split.n_items, size=self.negatives))
-        cand = np.union1d(targets, sampled)
+        if self.negatives <= 0 or self.negatives >= self.split.n_items:
+            # Full softmax: every item is a candidate (what SASRec trains with); affordable for catalogues
+            # of tens of thousands of items since item vectors are one EmbeddingBag pass.
+            cand = np.arange(self.split.n_items)
+            is_sampled = np.ones(len(cand), bool)
+        else:
+            sampled = np.unique(rng.integers(0, self.split.n_items, size=self.negatives))
+            cand = np.union1d(targets, sampled)
+            is_sampled = np.isin(cand, sampled)
         target_pos = np.searchsorted(cand, targets)
-        is_sampled = np.isin(cand, sampled)
         seen = self.seen[users][:, cand].toarray() != 0
         neg_mask = is_sampled[None, :] & ~seen & (cand[None, :] != targets[:, None])
         batch = self.user_inputs(histories, weights)
@@ -132,7 +149,7 @@ class BatchBuilder:
         steps = 0
         for start in range(0, len(order), batch_size):
             sel = order[start:start + batch_size]
-            hist, w = self.example_histories(users[sel], positions[sel], mode)
+            hist, w = self.example_histories(users[sel], positions[sel], mode, rng)
             yield self.collate(users[sel], targets[sel], hist, w, rng)
             steps += 1
             if max_steps and steps >= max_steps:
