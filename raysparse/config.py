@@ -142,6 +142,8 @@ class TrainConfig:
     target_gap_max: int = _f(1, "Prefix mode: an example's history may stop up to this many items before "
                                 "its target (drawn per example), matching test time where the validation "
                                 "item sits between the training history and the test item. 0 = next item only.")
+    short_history_prob: float = _f(0.2, "Share of training examples whose history is cut to its k most recent "
+                                        "items (k from data.cohort_ks): sparse users look like that at test.")
     grad_accum_steps: int = _f(1, "Micro-batches per optimizer step.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping).")
     warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up; linear decay after.")
@@ -159,6 +161,8 @@ class TrainConfig:
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         _positive("train.target_gap_max", self.target_gap_max, allow_zero=True)
+        if not 0.0 <= self.short_history_prob <= 1.0:
+            raise ConfigError(f"train.short_history_prob={self.short_history_prob!r} must be in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1).")
 

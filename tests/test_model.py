@@ -205,12 +205,12 @@ def test_core_api_works_without_ray_or_deepspeed(trained):
 def test_gap_histories_stop_before_the_target_and_keep_one_item(fused_top):
     _, prepared, rec = fused_top
     builder = rec.builder
-    builder.target_gap_max = 1
+    builder.target_gap_max, builder.short_history_prob = 1, 0.0
     try:
         users, targets, positions = builder.training_examples("prefix")
         histories, _ = builder.example_histories(users, positions, "prefix", np.random.default_rng(0))
     finally:
-        builder.target_gap_max = 0
+        builder.target_gap_max, builder.short_history_prob = 0, 0.2
     lengths = set()
     for u, t, p, h in zip(users, targets, positions, histories):
         full = prepared.split.history(u)
@@ -220,3 +220,19 @@ def test_gap_histories_stop_before_the_target_and_keep_one_item(fused_top):
             assert gap in (0, 1) and h.tolist() == full[:p - gap][::-1].tolist()
             lengths.add(gap)
     assert lengths == {0, 1}  # both cases are drawn
+
+
+def test_short_history_augmentation_keeps_the_k_most_recent_items(fused_top):
+    _, prepared, rec = fused_top
+    builder = rec.builder
+    builder.short_history_prob, builder.target_gap_max = 1.0, 0
+    try:
+        users, targets, positions = builder.training_examples("prefix")
+        histories, _ = builder.example_histories(users, positions, "prefix", np.random.default_rng(0))
+    finally:
+        builder.short_history_prob = 0.2
+    for u, p, h in zip(users, positions, histories):
+        newest_first = prepared.split.history(u)[:p][::-1]
+        assert len(h) in {min(p, k) for k in (1, 2, 3, 5)}
+        assert h.tolist() == newest_first[: len(h)].tolist()
+    assert {len(h) for h, p in zip(histories, positions) if p >= 5} == {1, 2, 3, 5}

@@ -31,7 +31,8 @@ class BatchBuilder:
     seen items out of the negatives), so every worker builds identical batches from the same split."""
 
     def __init__(self, split: Split, item_text: ItemText | None, *, max_history: int, max_length: int,
-                 negatives: int, with_tokens: bool, target_gap_max: int = 0):
+                 negatives: int, with_tokens: bool, target_gap_max: int = 0, short_history_prob: float = 0.0,
+                 short_history_ks: tuple[int, ...] = (1, 2, 3, 5)):
         self.split = split
         self.item_text = item_text
         self.max_history = max_history
@@ -39,6 +40,8 @@ class BatchBuilder:
         self.negatives = negatives
         self.with_tokens = with_tokens
         self.target_gap_max = target_gap_max
+        self.short_history_prob = short_history_prob
+        self.short_history_ks = tuple(short_history_ks)
         self.seen = split.train_matrix(binary=False)          # (U, I) weights
         self.columns = self.seen.T.tocsr()                     # (I, U): DMF item inputs
         self.columns.sort_indices()
@@ -65,14 +68,20 @@ class BatchBuilder:
         gaps = np.zeros(len(users), np.int64)
         if rng is not None and mode == "prefix" and self.target_gap_max > 0:
             gaps = np.minimum(rng.integers(0, self.target_gap_max + 1, size=len(users)), positions - 1)
+        # Short-history augmentation: a sparse user at test time is a long-time user whose history was cut to
+        # their k most recent items, not a user's first k items; cut some examples the same way.
+        keep = np.full(len(users), self.max_history, np.int64)
+        if rng is not None and self.short_history_prob > 0:
+            short = rng.random(len(users)) < self.short_history_prob
+            keep[short] = rng.choice(np.asarray(self.short_history_ks, np.int64), size=int(short.sum()))
         items, weights = [], []
-        for u, p, g in zip(users.tolist(), positions.tolist(), gaps.tolist()):
+        for u, p, g, n_keep in zip(users.tolist(), positions.tolist(), gaps.tolist(), keep.tolist()):
             lo, hi = self.split.train_indptr[u], self.split.train_indptr[u + 1]
             if mode == "prefix":
                 idx = np.arange(lo, lo + p - g)
             else:
                 idx = np.delete(np.arange(lo, hi), p)
-            idx = idx[::-1][: self.max_history]
+            idx = idx[::-1][: n_keep]
             items.append(self.split.train_items[idx])
             weights.append(self.split.train_weights[idx])
         return items, weights
