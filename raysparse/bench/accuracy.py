@@ -85,7 +85,9 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
-def run_seed(seed: int, args, frames, base_sets: list[str]) -> dict:
+def run_seed(seed: int, args, frames, base_sets: list[str], chosen: dict[str, dict]) -> dict:
+    """One seed: every baseline and variant. `chosen` holds the baselines' hyper-parameters picked on the first
+    seed's validation split; later seeds reuse them (one-point grids) to keep SASRec's grid within budget."""
     from raysparse.bench.baselines import run_baselines
     from raysparse.build import prepare_data
     from raysparse.config import load_config
@@ -102,7 +104,13 @@ def run_seed(seed: int, args, frames, base_sets: list[str]) -> dict:
     if names:
         emb = item_text_embeddings(config, prepared) if {"text", "ease_text"} & set(names) else None
         t0 = time.perf_counter()
-        results = run_baselines(prepared.split, emb, names, seed=seed, fast=args.fast)
+        # ease_text takes lam from this seed's EASE row (itself fixed), so only beta is carried over.
+        fixed = {n: {k: [v] for k, v in p.items() if not (n == "ease_text" and k == "lam")}
+                 for n, p in chosen.items() if n not in ("popularity", "text")}
+        results = run_baselines(prepared.split, emb, names, seed=seed, fast=args.fast, num_threads=1,
+                                grids=fixed or None)
+        for name, r in results.items():
+            chosen.setdefault(name, dict(r["params"]))
         for name, r in results.items():
             rows[name] = {"val": flatten(r["val"], "val/"), "test": flatten(r["test"], "test/"),
                           "params": r["params"], "seconds": r["tune_seconds"] + 0.0,
@@ -110,7 +118,6 @@ def run_seed(seed: int, args, frames, base_sets: list[str]) -> dict:
             print(f"  {name}: test ndcg@10 {rows[name]['test']['test/overall/ndcg@10']:.4f} "
                   f"cohort {rows[name]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
                   f"({r['tune_seconds']:.0f}s) params {r['params']}", flush=True)
-        del t0
     variants = [(f"ours:{v}", [f"model.variant={v}"]) for v in args.variants.split(",") if v]
     variants += [(f"ours:fused[{name}]", sets) for name, sets in map(parse_ablation, args.ablation)]
     for label, sets in variants:
@@ -212,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    per_seed = [run_seed(seed, args, frames, list(args.sets)) for seed in range(args.seeds)]
+    chosen: dict[str, dict] = {}
+    per_seed = [run_seed(seed, args, frames, list(args.sets), chosen) for seed in range(args.seeds)]
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
     ndcg = markdown_table(agg, "ndcg@10")
