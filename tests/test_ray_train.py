@@ -1,0 +1,403 @@
+"""Ray Train + DeepSpeed training and the Ray Data preparation path.
+
+Fast tests (no Ray instance): the generated DeepSpeed config and its checks, the checks before any worker
+starts, the per-user split of the Ray Data path against the core's split, and (in a subprocess, because
+DeepSpeed initializes torch.distributed) that one DeepSpeed process trains exactly like the plain loop.
+`@pytest.mark.ray` tests share one Ray instance (2 CPUs) for the module: Ray Data preparation, 2 workers with
+ZeRO 0 (+ metric equality with one process, logs, resume) and with ZeRO 2 (+ a worker killed mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysparse.config import load_config
+from raysparse.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_config(tmp_path: Path, data: Path | str, encoder: str, *sets: str):
+    return load_config(TINY, [f"output={tmp_path / 'out'}", f"data.path={data}", f"model.text_model={encoder}",
+                              *sets])
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory, frames) -> Path:
+    folder = tmp_path_factory.mktemp("planted")
+    frames[0].to_parquet(folder / "interactions.parquet")
+    frames[1].to_parquet(folder / "items.parquet")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed config
+
+def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.ray_train import deepspeed_config
+
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "train.grad_accum_steps=3",
+                      "train.grad_clip=0.5", "train.weight_decay=0.01")
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 32 * 3 * 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}   # fp32 on CPU
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.01
+    gpu = deepspeed_config(cfg.replace(**{"ray.use_gpu": True}), world_size=4)
+    assert gpu["bf16"] == {"enabled": True}                                         # auto: bf16 on GPU
+    fp16 = deepspeed_config(cfg.replace(**{"ray.use_gpu": True, "ray.precision": "fp16"}), world_size=4)
+    assert fp16["fp16"]["enabled"] and not fp16["bf16"]["enabled"]
+
+
+def test_user_deepspeed_json_overrides_generated_and_is_checked(tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.ray_train import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000},
+                                "optimizer": {"params": {"betas": [0.8, 0.9]}}}))
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, f"ray.deepspeed_config={user}")
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    assert ds["optimizer"]["params"]["betas"] == [0.8, 0.9]
+    assert ds["optimizer"]["params"]["lr"] == cfg.train.lr        # merged, not replaced
+
+    user.write_text(json.dumps({"train_batch_size": 100}))
+    with pytest.raises(ConfigError, match=r"train_batch_size=100.*32 x accumulation 1 x 2 workers = 64"):
+        deepspeed_config(cfg, world_size=2)
+    user.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="enables bf16/fp16, but ray.use_gpu=false"):
+        deepspeed_config(cfg, world_size=2)
+    user.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        deepspeed_config(cfg, world_size=2)
+    missing = cfg.replace(**{"ray.deepspeed_config": str(tmp_path / "nope.json")})
+    with pytest.raises(ConfigError, match="nope.json' does not exist"):
+        deepspeed_config(missing, world_size=2)
+
+
+def test_cluster_checks_name_the_problem_and_the_fix(tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.ray_train import check_before_start
+
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder)
+    check_before_start(cfg, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"ray.use_gpu=true, but the Ray cluster has no GPUs.*ray.use_gpu=false"):
+        check_before_start(cfg.replace(**{"ray.use_gpu": True}), {"CPU": 8.0})
+    with pytest.raises(ConfigError, match=r"ray.num_workers=4 with one GPU each, but the cluster has 2 GPUs"):
+        check_before_start(cfg.replace(**{"ray.use_gpu": True, "ray.num_workers": 4}), {"CPU": 32.0, "GPU": 2.0})
+    with pytest.raises(ConfigError, match=r"3 x ray.cpus_per_worker=1 = 3 CPUs, but the Ray cluster has 2"):
+        check_before_start(cfg.replace(**{"ray.num_workers": 3}), {"CPU": 2.0})
+
+
+def test_run_folder_rules_for_new_runs_and_resume(tmp_path):
+    from raysparse.ray_train import check_run_folder
+
+    run = tmp_path / "ray" / "train"
+    with pytest.raises(ConfigError, match="--resume: there is no run to continue"):
+        check_run_folder(str(run), resume=True)
+    check_run_folder(str(run), resume=False)
+    run.mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {
+        "checkpoint_dir_name": "epoch_0002", "metrics": {"epoch": 2}}}))
+    with pytest.raises(ConfigError, match="already holds a training run. Pass --resume"):
+        check_run_folder(str(run), resume=False)
+    check_run_folder(str(run), resume=True, epochs=3)
+    with pytest.raises(ConfigError, match=r"already trained 2 epochs and train.epochs=2; .*train.epochs=3"):
+        check_run_folder(str(run), resume=True, epochs=2)
+
+
+# ------------------------------------------------------------------------------------------------ Ray Data rules
+
+def test_split_of_user_sequences_equals_core_split(frames):
+    """The Ray Data path's split (per-user sequences) gives the core's Split, cohort draw included, when
+    users come in the same order."""
+    from raysparse.data.dataset import index_interactions
+    from raysparse.data.split import split_last_item
+    from raysparse.ray_data import split_sequences
+
+    interactions, items = frames
+    log = index_interactions(interactions, items)
+    core = split_last_item(log, cohort_fraction=0.3, cohort_ks=[1, 2, 3], seed=5)
+    order = np.lexsort((np.arange(len(log)), log.timestamp, log.user_idx))
+    sequences = [log.item_idx[order][log.user_idx[order] == u] for u in range(log.n_users)]
+    ours = split_sequences(sequences, None, log.n_items, 0.3, [1, 2, 3], seed=5)
+    for name in ("train_indptr", "train_items", "train_weights", "val_item", "test_item", "cohort_k"):
+        assert np.array_equal(getattr(ours, name), getattr(core, name)), name
+    assert ours.stats == core.stats
+
+
+def test_user_group_drops_duplicates_across_blocks_and_keeps_latest_repeat():
+    from raysparse.ray_data import _user_sequence
+
+    group = pd.DataFrame({"user_id": ["u"] * 5, "item_idx": [3, 1, 3, 2, 1], "timestamp": [30, 10, 30, 20, 40],
+                          "rating": np.full(5, np.nan, np.float32)})
+    row = _user_sequence(group).iloc[0]
+    # time order 1@10, 2@20, 3@30, (3@30 duplicate), 1@40 -> duplicate dropped, item 1 kept at its latest time
+    assert row["items"].tolist() == [2, 3, 1]
+    assert row["duplicates"] == 1 and row["repeats"] == 1
+    assert "item_idx=3 timestamp=30" in row["duplicate_sample"]
+
+
+# ------------------------------------------------------------------------------------------------ one DeepSpeed process
+
+_ENGINE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, copy
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    import numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import planted_frames
+    from raysparse.config import load_config
+    from raysparse.build import prepare_data, build_model, build_batches
+    from raysparse.step import compute_loss, param_groups, warmup_decay
+    from raysparse.ray_train import build_engine, deepspeed_config
+    cfg = load_config({tiny!r}, ["output=" + sys.argv[3], "model.text_model=" + sys.argv[1],
+                                "model.dropout=0.0", "model.modality_dropout=0.0", "train.grad_accum_steps=2",
+                                "train.warmup_ratio=0.5", "train.lr=0.01", "train.text_lr=0.001",
+                                "train.grad_clip=0.0", "ray.num_workers=1"])
+    prepared = prepare_data(cfg, planted_frames())
+    model, _, item_text = build_model(cfg, prepared.split.n_users, prepared.split.n_items, prepared.item_texts)
+    plain = copy.deepcopy(model)
+    builder = build_batches(cfg, prepared.split, item_text)
+    batches = list(builder.iterate_epoch(32, np.random.default_rng(0), max_steps=8))
+    total = 4
+    # the plain loop of raysparse.step.train_local
+    opt = torch.optim.AdamW(param_groups(plain, cfg.train), weight_decay=cfg.train.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(total, cfg.train.warmup_ratio))
+    for step, batch in enumerate(batches):
+        (compute_loss(plain(batch), "softmax") / 2).backward()
+        if (step + 1) % 2 == 0:
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    engine = build_engine(model, cfg, deepspeed_config(cfg, 1), total)
+    lrs = []
+    for batch in batches:
+        engine.backward(compute_loss(engine(batch), "softmax")); engine.step()
+        lrs.append({{g["name"]: g["lr"] for g in engine.optimizer.param_groups}})
+    diff = max((a - b).abs().max().item() for a, b in zip(engine.module.parameters(), plain.parameters()))
+    print(json.dumps({{"lrs": lrs, "global_steps": engine.global_steps, "max_diff": diff,
+                       "plain_lrs": [g["lr"] for g in opt.param_groups]}}))
+""")
+
+
+def test_one_deepspeed_process_trains_exactly_like_the_plain_loop(tmp_path, tiny_encoder):
+    """Same batches through train_local's optimizer and through build_engine (ZeRO 0, fp32): same weights.
+    Also: each param group keeps its own lr under warm-up + decay, stepped at accumulation boundaries.
+    Clipping is off here: DeepSpeed computes the same norm up to float rounding, and Adam turns rounding in
+    near-zero gradients into visible weight differences (seen: 0.007 after 4 clipped steps)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = _ENGINE_SCRIPT.format(tests=str(ROOT / "tests"), tiny=str(TINY))
+    proc = subprocess.run([sys.executable, "-c", script, tiny_encoder, str(port), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["global_steps"] == 4                         # 8 micro-batches, 2 per optimizer step
+    assert out["max_diff"] < 1e-5
+    factor = [(s + 1) / 2 if s < 2 else max(0.1, 1 - 0.9 * (s - 2) / 2) for s in range(5)]  # warmup_decay(4, .5)
+    for micro, lrs in enumerate(out["lrs"]):
+        done = (micro + 1) // 2                             # optimizer steps taken so far
+        assert lrs["dmf_fusion"] == pytest.approx(0.01 * factor[done])
+        assert lrs["text_encoder"] == pytest.approx(0.001 * factor[done])
+    assert out["plain_lrs"] == pytest.approx([out["lrs"][-1]["dmf_fusion"], out["lrs"][-1]["text_encoder"]])
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_data_preparation_matches_pandas_and_builds_the_same_examples(ray_instance, tmp_path, frames,
+                                                                          tiny_encoder, monkeypatch):
+    from raysparse.build import prepare_data
+    from raysparse.data.examples import BatchBuilder
+    from raysparse.ray_data import build_example_dataset, choose_reader, prepare_data_ray
+
+    interactions, items = frames
+    folder = tmp_path / "csv"
+    (folder / "interactions").mkdir(parents=True)
+    # Two CSV files; the second repeats a row of the first (a duplicate only a global rule can see).
+    interactions.iloc[:400].to_csv(folder / "interactions" / "part-0.csv", index=False)
+    pd.concat([interactions.iloc[400:], interactions.iloc[[5]]]).to_csv(folder / "interactions" / "part-1.csv",
+                                                                        index=False)
+    items.to_parquet(folder / "items.parquet")
+    cfg = tiny_config(tmp_path, folder, tiny_encoder, "data.on_bad_rows=quarantine", "data.cohort_fraction=0.0")
+    assert choose_reader(cfg) == "pandas"                          # small and local
+    monkeypatch.setenv("RAYSPARSE_READER", "ray")
+    assert choose_reader(cfg) == "ray"
+
+    ours = prepare_data_ray(cfg.replace(**{"data.path": f"file://{folder}"}))   # a URI, read by pyarrow
+    core = prepare_data(cfg)
+    assert ours.report["rows_in"] == core.report["rows_in"] == len(interactions) + 1
+    assert ours.report["problems"] == core.report["problems"] == {"duplicate row": 1}
+    assert ours.split.stats == core.split.stats
+    for raw in core.log.users.raw_ids:
+        a, b = int(ours.log.users.to_idx([raw])[0]), int(core.log.users.to_idx([raw])[0])
+        assert ours.split.history(a).tolist() == core.split.history(b).tolist()
+        assert (ours.split.val_item[a], ours.split.test_item[a]) == (core.split.val_item[b], core.split.test_item[b])
+
+    rows = build_example_dataset(ours.split, "prefix", num_blocks=4).to_pandas()
+    builder = BatchBuilder(ours.split, None, max_history=10, max_length=32, negatives=4, with_tokens=False)
+    expected = sorted(zip(*(a.tolist() for a in builder.training_examples("prefix"))))
+    assert sorted(zip(rows.user_idx, rows.target, rows.position)) == expected
+
+    # 'fail' mode: one clear error naming the file, the reason and the values, before any training.
+    bad = interactions.iloc[400:].copy()
+    bad.loc[bad.index[3], "item_id"] = "no-such-item"
+    bad.to_csv(folder / "interactions" / "part-1.csv", index=False)
+    with pytest.raises(DataError, match=r"1 of 728 interaction rows are invalid -- item not in catalogue: 1 row\(s\), "
+                                        r"e\.g\. part-1\.csv: user_id=\S+ item_id=no-such-item"):
+        prepare_data_ray(cfg.replace(**{"data.on_bad_rows": "fail"}))
+
+
+@pytest.mark.ray
+def test_bad_config_fails_before_any_worker_starts(ray_instance, tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.ray_train import run_ray_training
+
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder)
+    with pytest.raises(ConfigError, match="ray.use_gpu=true, but the Ray cluster has no GPUs"):
+        run_ray_training(cfg.replace(**{"ray.use_gpu": True}))
+    with pytest.raises(ConfigError, match=r"ray.num_workers=3 x ray.cpus_per_worker=1 = 3 CPUs"):
+        run_ray_training(cfg.replace(**{"ray.num_workers": 3}))
+    with pytest.raises(ConfigError, match="--resume: there is no run to continue"):
+        run_ray_training(cfg, resume=True)
+    assert not (tmp_path / "out" / "ray").exists()                 # nothing started
+
+
+def _single_process_val(artifact: Path, cfg) -> dict:
+    """Validation metrics of an artifact's weights computed in this one process."""
+    from raysparse.build import build_batches, prepare_data
+    from raysparse.local import validation_metrics
+    from raysparse.recommender import Recommender
+
+    prepared = prepare_data(cfg)
+    rec = Recommender.load(artifact)
+    rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
+    return validation_metrics(rec, prepared, "val", sampled=False)
+
+
+@pytest.mark.ray
+def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.recommender import Recommender
+    from raysparse.ray_train import SELECT_METRIC, run_ray_training
+
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=0", "ray.keep_checkpoints=1")
+    summary = run_ray_training(cfg)
+    out = tmp_path / "out"
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    assert all(r["workers"] == 2 and r["steps"] == 6 for r in summary["history"])   # 333 examples / (32 x 2)
+    assert summary["best_epoch"] in (1, 2)
+    assert {"history", "best_epoch", "val", "test", "seconds"} <= set(summary)
+    assert summary["test"]["test/overall/users"] == 120
+    assert any(k.startswith("test/sampled") for k in summary["test"])   # same shape as run_local's summary
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] == summary["best_epoch"]
+
+    # Distributed validation = single-process validation of the same weights (epoch 2's checkpoint).
+    run = out / "ray" / "train"
+    single = _single_process_val(run / "epoch_0002" / "artifact", cfg)
+    reported = summary["history"][1]
+    assert {k: v for k, v in reported.items() if k.startswith("val/")} == single
+    assert reported[SELECT_METRIC] == single[SELECT_METRIC]
+
+    # Best-1 kept by NDCG@10, plus the latest (kept for resume).
+    kept = sorted(p.name for p in run.glob("epoch_*"))
+    assert len(kept) <= 2 and "epoch_0002" in kept
+    assert f"epoch_{summary['best_epoch']:04d}" in kept
+
+    # Logs: JSONL + CSV per epoch, TensorBoard events.
+    lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert pd.read_csv(out / "logs" / "metrics.csv")[SELECT_METRIC].tolist() == pytest.approx(
+        [r[SELECT_METRIC] for r in summary["history"]])
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+    rec = Recommender.load(out / "artifact")
+    recs = rec.recommend(user_ids=["u000"], k=5)[0]
+    assert len(recs) == 5 and "i" in str(recs[0].item_id)
+
+    # --resume continues the stopped run: one more epoch from epoch 2's checkpoint.
+    resumed = run_ray_training(cfg.replace(**{"train.epochs": 3}), resume=True)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][:2] == summary["history"]
+    assert resumed["restored_from_epochs"] == [2]
+    assert [json.loads(line)["epoch"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_two_workers_zero2_survive_a_killed_worker(ray_instance, tmp_path, tiny_encoder, dataset_dir, monkeypatch):
+    """Rank 1 SIGKILLs itself in epoch 2 (once); Ray Train restarts the group from epoch 1's checkpoint."""
+    from raysparse.ray_train import SELECT_METRIC, TEST_KILL_ENV, run_ray_training
+
+    monkeypatch.setenv(TEST_KILL_ENV, "1")
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "ray.max_failures=1")
+    summary = run_ray_training(cfg)
+    assert (tmp_path / "out" / ".test_kill_done").exists()          # the worker was killed
+    assert summary["restored_from_epochs"] == [1]
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    assert summary["history"][1]["restored_from_epoch"] == 1
+    final = summary["history"][-1]
+    assert math.isfinite(final["loss"]) and 0.0 <= final[SELECT_METRIC] <= 1.0
+    assert summary["test"]["test/overall/users"] == 120
+    state = tmp_path / "out" / "ray" / "train" / "epoch_0001" / "deepspeed" / "state"
+    assert {p.name for p in state.glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+def test_bench_gpu_tiny_runs_without_ray(tmp_path):
+    """`raysparse bench gpu --tiny`: the DeepSpeed path of the GPU benchmark, fp32 on CPU, with `import ray`
+    made to fail (the GPU image has no Ray): it trains and reports examples/s and MFU."""
+    script = textwrap.dedent("""
+        import sys
+        class BlockRay:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ray" or name.startswith("ray."):
+                    raise ImportError("ray is not installed on the GPU image")
+        sys.meta_path.insert(0, BlockRay())
+        from raysparse.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    result = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-c", script, "bench", "gpu", "--tiny", "--batch-size", "8", "--steps", "3",
+                           "--warmup", "1", "--output", str(tmp_path / "bench"), "--json", str(result)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = json.loads(result.read_text())
+    assert row["precision"] == "fp32" and row["seq len"] == 128 and row["encoder"] == "2x32"
+    assert row["examples/s"] > 0 and 0 < row["text MFU"] < 1 and math.isfinite(row["loss"])
+    assert "goal text-tower MFU >= 0.50" in proc.stdout
+
+
+def test_text_tower_flops_formula():
+    from raysparse.bench.train_bench import text_tower_train_flops
+
+    # BERT-base at 128 tokens: 3 x (2 x 128 x 12 x (4 x 768^2 + 2 x 768 x 3072) + 12 x 4 x 128^2 x 768)
+    per_example = 3 * (2 * 128 * 12 * (4 * 768 ** 2 + 2 * 768 * 3072) + 12 * 4 * 128 ** 2 * 768)
+    assert text_tower_train_flops(1, 128, 12, 768, 3072) == per_example
+    assert per_example == pytest.approx(6.67e10, rel=0.01)
+    assert text_tower_train_flops(256, 128, 12, 768, 3072) == 256 * per_example
