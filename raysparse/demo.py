@@ -1,47 +1,107 @@
-"""`raysparse demo`: the whole path on the embedded default — synthetic data, training, three queries.
+"""`raysparse demo`: the whole path on the embedded default, in a few minutes on 2 cores.
 
-With Ray available it trains on local Ray (2 workers), runs a small Tune sweep, serves the best artifact
-and queries it over HTTP; `--local` keeps everything in this process.
+synthetic data -> Ray Train + DeepSpeed on local Ray (2 workers) -> a 2-trial Ray Tune sweep -> Ray Serve
+hosts the best artifact -> three queries over HTTP (a known user, a new user by history, a new user by
+text) -> shutdown. `--local` trains in this process instead and queries the Python API.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_TEXT = "a starship crew explores a distant galaxy and a comet"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="Synthetic data -> train -> recommend for three kinds of users.")
+    p = subparsers.add_parser("demo", help="Synthetic data -> train -> tune -> serve -> three queries.")
     p.add_argument("--out", default="runs/demo", help="Output directory.")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="Config YAML (default: configs/demo.yaml).")
-    p.add_argument("--local", action="store_true", help="Train in this process instead of on local Ray.")
+    p.add_argument("--local", action="store_true", help="Train in this process and query the Python API.")
+    p.add_argument("--trials", type=int, default=2, help="Tune trials.")
     p.set_defaults(func=run)
 
 
+def _queries(users: list, items: list) -> list[tuple[str, dict]]:
+    return [(f"known user {users[0]!r}", {"user_id": users[0]}),
+            (f"new user with history {items[:2]}", {"history": items[:2]}),
+            (f"new user described as {DEMO_TEXT!r}", {"text": DEMO_TEXT})]
+
+
 def print_queries(rec) -> None:
-    """A known user, a new user by two items, a new user by text: the three serving paths."""
-    user = rec.users.raw_ids[0]
-    history = rec.items.raw_ids[:2]
-    text = "a starship crew explores a distant galaxy and a comet"
-    for title, kwargs in [(f"known user {user!r}", {"user_ids": [user]}),
-                          (f"new user with history {history}", {"histories": [history]}),
-                          (f"new user described as {text!r}", {"texts": [text]})]:
+    """The three serving paths through the Python API."""
+    for title, q in _queries(rec.users.raw_ids, rec.items.raw_ids):
+        kwargs = {"user_ids": [q["user_id"]]} if "user_id" in q else \
+            {"histories": [q["history"]]} if "history" in q else {"texts": [q["text"]]}
         print(f"\n== {title}")
         for r in rec.recommend(k=5, **kwargs)[0]:
-            info = rec.item_info(r.item_id)
-            print(f"  {str(r.item_id):>10}  {r.score:8.3f}  {info.get('text', '')[:70]}")
+            print(f"  {str(r.item_id):>10}  {r.score:8.3f}  {rec.item_info(r.item_id).get('text', '')[:70]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> int:
     from raysparse.config import load_config
-    from raysparse.local import run_local
 
-    config = load_config(args.config, [f"output={args.out}"])
-    rec, summary = run_local(config)
-    print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
-                      if k.endswith("ndcg@10") and "sampled" not in k}, indent=2))
-    print_queries(rec)
+    config = load_config(args.config, [f"output={Path(args.out).resolve()}"])
+    if args.local:
+        from raysparse.local import run_local
+
+        rec, summary = run_local(config)
+        print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
+                          if k.endswith("ndcg@10") and "sampled" not in k}, indent=2))
+        print_queries(rec)
+        return 0
+    return run_on_ray(config, args.trials)
+
+
+def run_on_ray(config, trials: int) -> int:
+    import ray
+    from ray import serve
+
+    from raysparse import Recommender
+    from raysparse.client import RecommenderClient
+    from raysparse.ray_serve import ServeConfig, deploy
+    from raysparse.ray_train import run_ray_training
+    from raysparse.ray_tune import tune_config_from_dict, run_tune
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        print("\n### 1/4 Ray Train + DeepSpeed, 2 workers")
+        summary = run_ray_training(config)
+        print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
+                          if k.endswith("ndcg@10") and "/" in k and "sampled" not in k}, indent=2))
+
+        print(f"\n### 2/4 Ray Tune: {trials} trials over fusion_dim and lr (1 worker each)")
+        tune_base = config.replace(**{"output": str(Path(config.output) / "tune"), "ray.num_workers": 1,
+                                      "train.epochs": 2})
+        tc = tune_config_from_dict({"num_samples": trials, "scheduler": "none",
+                                    "space": {"model.fusion_dim": {"choice": [32, 64]},
+                                              "train.lr": {"loguniform": [1e-3, 5e-3]}}})
+        result = run_tune(tune_base, tc)
+        best = Path(tune_base.output) / "best"
+
+        print(f"\n### 3/4 Ray Serve hosts {best}")
+        url = deploy(str(best), ServeConfig(port=_free_port()))
+        print(f"serving at {url}")
+
+        print("\n### 4/4 three queries over HTTP")
+        rec = Recommender.load(best)  # only to pick a known user and two items for the queries
+        with RecommenderClient(url) as client:
+            for title, q in _queries(rec.users.raw_ids, rec.items.raw_ids):
+                answer = client.recommend(k=5, **q)
+                print(f"\n== {title} (path: {answer.path})")
+                for item in answer.items:
+                    print(f"  {str(item.item_id):>10}  {item.score:8.3f}  {(item.text or '')[:70]}")
+        print(f"\nbest trial: {json.dumps(result['best'].get('metrics', {}), default=str)[:300]}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0

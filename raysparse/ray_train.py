@@ -498,7 +498,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, (users, targets, positions) in zip(range(steps), examples_iter):
             stamps.append(time.perf_counter())
             cpu_stamps.append(time.process_time())
-            hist, weights = builder.example_histories(users, positions, tc.example_mode)
+            hist, weights = builder.example_histories(users, positions, tc.example_mode, rng)
             batch = _batch_to(builder.collate(users, targets, hist, weights, rng), device, dtype)
             loss = compute_loss(engine(batch), tc.loss)
             engine.backward(loss)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysparse.bench.common import DEFAULT_ML, guess_format, load_frames
+from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
 
 ACCURACY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accuracy.yaml"
 BASELINE_NAMES = ["popularity", "ease", "ials", "text", "ease_text", "sasrec"]
@@ -28,6 +28,9 @@ OUR_VARIANTS = ["dmf", "text", "fused"]
 ROW_LABELS = {"popularity": "Popularity", "ease": "EASE", "ials": "iALS", "text": "Text zero-shot",
               "ease_text": "EASE + text", "sasrec": "SASRec", "ours:dmf": "DMF-only (ours)",
               "ours:text": "Text-only (ours)", "ours:fused": "Fused (ours)"}
+# SASRec's grid on the first seed: 2 layers, 64 hidden (the best of a wider grid run once on ML latest-small),
+# dropout searched; a fuller grid costs ~2 min per configuration on 2 cores.
+SASREC_BENCH_GRID = {"hidden_size": [64], "num_layers": [2], "dropout": [0.2, 0.5]}
 GROUPS = ["overall", "warm", "cohort", "cohort_k1", "cohort_k2", "cohort_k3", "cohort_k5"]
 
 
@@ -56,7 +59,7 @@ def train_ours(config, prepared, trainer: str) -> dict:
     if trainer == "ray":
         from raysparse.ray_train import run_ray_training
 
-        summary = run_ray_training(config, prepared=prepared)
+        summary = run_ray_training(config, log=lambda m: print(f"    {m}", flush=True))
     else:
         from raysparse.local import run_local
 
@@ -107,6 +110,8 @@ def run_seed(seed: int, args, frames, base_sets: list[str], chosen: dict[str, di
         # ease_text takes lam from this seed's EASE row (itself fixed), so only beta is carried over.
         fixed = {n: {k: [v] for k, v in p.items() if not (n == "ease_text" and k == "lam")}
                  for n, p in chosen.items() if n not in ("popularity", "text")}
+        if "sasrec" not in chosen and not args.fast:
+            fixed["sasrec"] = SASREC_BENCH_GRID
         results = run_baselines(prepared.split, emb, names, seed=seed, fast=args.fast, num_threads=1,
                                 grids=fixed or None)
         for name, r in results.items():
@@ -211,7 +216,10 @@ def chart(agg: dict[str, dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fmt = args.format or guess_format(args.data)
-    frames = load_frames(args.data, fmt)
+    folder = dataset_folder(args.data, fmt)
+    frames = load_frames(folder)
+    # Ray workers read the dataset folder themselves (same split: it depends only on the config's seeds).
+    args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.trainer == "ray":

@@ -11,17 +11,22 @@ import pandas as pd
 DEFAULT_ML = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-latest-small"
 
 
+def dataset_folder(data: str, fmt: str = "") -> str:
+    """A standard-schema folder: `data` itself, or a MovieLens folder converted into a temp folder."""
+    if not fmt:
+        return data
+    from raysparse.data.movielens import convert_movielens
+
+    out = tempfile.mkdtemp(prefix="raysparse-bench-")
+    convert_movielens(fmt, data, out)
+    return out
+
+
 def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(interactions, items) from a standard-schema folder, or a MovieLens folder when `fmt` names one."""
     from raysparse.data.io import load_dataset
 
-    if fmt:
-        from raysparse.data.movielens import convert_movielens
-
-        out = tempfile.mkdtemp(prefix="raysparse-bench-")
-        convert_movielens(fmt, data, out)
-        data = out
-    interactions, items, _ = load_dataset(data)
+    interactions, items, _ = load_dataset(dataset_folder(data, fmt))
     return interactions, items
 
 

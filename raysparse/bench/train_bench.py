@@ -95,7 +95,7 @@ class _TimedBatches:
             stamps.append(time.perf_counter())
             cpu_stamps.append(time.process_time())
             sel = order[start:start + batch_size]
-            hist, w = b.example_histories(users[sel], positions[sel], mode)
+            hist, w = b.example_histories(users[sel], positions[sel], mode, rng)
             yield b.collate(users[sel], targets[sel], hist, w, rng)
             if max_steps and len(stamps) >= max_steps:
                 break
