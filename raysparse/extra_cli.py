@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     register_serve(subparsers)
     register_query(subparsers)
     # ---- tune: registered here by the Tune issue (a `register_tune(subparsers)` beside these) ----------------
+    from raysparse.ray_tune import register_tune  # Ray is imported only when `tune` runs
+
+    register_tune(subparsers)
     # ---- demo: registered here by the demo issue ---------------------------------------------------------------
 
 

@@ -431,7 +431,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     model, tokenizer, item_text = build_model(config, split.n_users, split.n_items, prepared.item_texts,
-                                              str(output / "cache"))
+                                              config.data.resolved_cache_dir)
     builder = build_batches(config, split, item_text)
     ds_config = loop_config["ds_config"]
     micro = ds_config["train_micro_batch_size_per_gpu"]

@@ -1,0 +1,260 @@
+"""Hyperparameter sweeps (Ray Tune around Ray Train).
+
+Fast tests (no Ray instance): the `tune:` section and its --set overrides, the default space, every bad
+search space as one ConfigError before anything starts, the Tune domains (list options, inclusive randint),
+trial concurrency. `@pytest.mark.ray`: one 2-trial sweep on the planted data (1 worker per trial, frozen tiny
+BERT, Optuna + ASHA): trial table, exported best artifact and its summary, the shared text cache, --resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raysparse.errors import ConfigError
+from raysparse.ray_tune import (DEFAULT_METRIC, Param, TuneConfig, check_tune, default_space, load_tune_config,
+                                parse_space, trial_concurrency, tunable_keys)
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE_TINY = ROOT / "configs" / "tune_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory, frames) -> Path:
+    folder = tmp_path_factory.mktemp("planted")
+    frames[0].to_parquet(folder / "interactions.parquet")
+    frames[1].to_parquet(folder / "items.parquet")
+    return folder
+
+
+def write_yaml(path: Path, tune: dict | None = None, **sections) -> Path:
+    raw = {"output": str(path.parent / "out"), **sections}
+    if tune is not None:
+        raw["tune"] = tune
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_tune_section_is_read_and_stripped_and_set_overrides_apply(tmp_path):
+    path = write_yaml(tmp_path / "cfg.yaml", tune={"num_samples": 3, "mode": "min", "metric": "loss",
+                                                   "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}},
+                      model={"fusion_dim": 32})
+    config, tc = load_tune_config(path, ["model.text_dim=8", "tune.num_samples=5", "tune.search=optuna",
+                                         "tune.space.model.fusion_dim={choice: [8, 16]}"])
+    assert config.model.fusion_dim == 32 and config.model.text_dim == 8       # the run config, tune stripped
+    assert (tc.num_samples, tc.mode, tc.metric, tc.search) == (5, "min", "loss", "optuna")
+    assert tc.space == {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.fusion_dim": {"choice": [8, 16]}}
+    _, tc = load_tune_config(path, ["tune.space.train.lr=null"])                # null removes a key
+    assert tc.space == {}
+    with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Known keys of 'tune': num_samples"):
+        load_tune_config(path, ["tune.num_sample=4"])
+    with pytest.raises(ConfigError, match=r"tune.num_samples='many' has the wrong type: expected int"):
+        load_tune_config(path, ["tune.num_samples=many"])
+    with pytest.raises(ConfigError, match=r"tune.scheduler='hyperband' is not allowed; choose one of 'asha', 'none'"):
+        load_tune_config(path, ["tune.scheduler=hyperband"])
+
+
+def test_default_space_follows_what_the_model_uses(tmp_path):
+    config, tc = load_tune_config(write_yaml(tmp_path / "a.yaml", model={"finetune": "top"}))
+    assert set(tc.space) == {"model.fusion_dim", "model.text_dim", "model.dmf_user_layers", "model.dmf_item_layers",
+                             "train.lr", "train.text_lr", "model.finetune_top_layers"}
+    assert tc.metric == DEFAULT_METRIC and tc.mode == "max" and tc.scheduler == "asha"
+    frozen, _ = load_tune_config(write_yaml(tmp_path / "b.yaml", model={"finetune": "frozen"}))
+    assert set(default_space(frozen)) == {"model.fusion_dim", "model.text_dim", "model.dmf_user_layers",
+                                          "model.dmf_item_layers", "train.lr"}
+    dmf, _ = load_tune_config(write_yaml(tmp_path / "c.yaml", model={"variant": "dmf"}))
+    assert set(default_space(dmf)) == {"model.fusion_dim", "model.dmf_user_layers", "model.dmf_item_layers",
+                                       "train.lr"}
+    assert len(check_tune(config, tc)) == 7                                      # the defaults are valid
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.fusion_dim": {"choice": []}}, r"tune.space\['model.fusion_dim'\]: choice needs a non-empty list"),
+    ({"train.lr": {"loguniform": [1e-2, 1e-4]}},
+     r"tune.space\['train.lr'\]: loguniform lower bound 0.01 > upper bound 0.0001; .*lower <= upper"),
+    ({"model.fusion_dimm": {"choice": [8]}},
+     r"unknown parameter 'model.fusion_dimm'\. Did you mean model.fusion_dim.*Tunable keys.*train.lr"),
+    ({"optimizer.lr": {"choice": [0.1]}}, r"unknown parameter 'optimizer.lr'\..*Tunable keys \(SECTION.KEY\)"),
+    ({"data.max_history": {"choice": [5, 10]}}, r"unknown parameter 'data.max_history'"),
+    ({"train.epochs": {"choice": [1, 2]}}, r"train.epochs cannot be tuned: it is the sweep's budget"),
+    ({"train.lr": {"loguniform": [0, 1e-2]}}, r"loguniform bounds must be > 0, got lower=0"),
+    ({"train.lr": {"uniform": [1e-3]}}, r"uniform needs \[lower, upper\] \(two numbers\), got \[0.001\]"),
+    ({"train.lr": {"normal": [0, 1]}}, r"must be one of \{choice: \[a, b, ...\]\}"),
+    ({"train.lr": 0.01}, r"tune.space\['train.lr'\]=0.01 must be one of"),
+    ({"model.fusion_dim": {"choice": [64, 0]}},
+     r"the choice value 0 is not a valid model.fusion_dim: model.fusion_dim=0 must be > 0"),
+    ({"model.fusion_dim": {"uniform": [8, 64]}},
+     r"the uniform value 8.0 is not a valid model.fusion_dim: .*wrong type: expected int"),
+    ({"model.dmf_user_layers": {"choice": [[64, 32], []]}}, r"model.dmf_user_layers=\[\] must be a non-empty list"),
+    ({"model.finetune": {"choice": ["top", "half"]}}, r"model.finetune='half' is not allowed"),
+    ({"model.finetune_top_layers": {"randint": [0, 1.5]}}, r"randint bounds must be integers"),
+    ({}, r"tune.space is empty: there is nothing to search"),
+])
+def test_bad_search_space_is_one_clear_error(tmp_path, space, message):
+    config, _ = load_tune_config(write_yaml(tmp_path / "cfg.yaml"))
+    with pytest.raises(ConfigError, match=message):
+        parse_space(space, config)
+
+
+def test_bad_sweep_fails_before_ray_or_any_trial_starts(tmp_path, capsys):
+    """Through the CLI: one error line, exit 2, no Ray started, nothing written."""
+    import ray
+
+    from raysparse.cli import main
+
+    path = write_yaml(tmp_path / "cfg.yaml", tune={"space": {"train.lr": {"uniform": [0.1, 0.01]}}})
+    assert main(["tune", "--config", str(path), "--num-samples", "2"]) == 2
+    assert "error: tune.space['train.lr']: uniform lower bound 0.1 > upper bound 0.01" in capsys.readouterr().err
+    path = write_yaml(tmp_path / "cfg.yaml", tune={"grace_period": 3}, train={"epochs": 2})
+    assert main(["tune", "--config", str(path)]) == 2
+    assert "tune.grace_period=3 > train.epochs=2" in capsys.readouterr().err
+    assert main(["tune", "--config", str(path), "--set", "tune.grace_period=1", "--resume"]) == 2
+    assert "--resume: there is no sweep to continue" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_options_and_inclusive_randint_become_tune_domains(tmp_path):
+    layers = Param("model.dmf_user_layers", "choice", ([64, 32], [128, 64]))
+    assert layers.encoded                                          # Optuna's categoricals take scalars only
+    assert layers.domain().categories == ["[64, 32]", "[128, 64]"]
+    assert layers.decode("[128, 64]") == [128, 64]
+    depth = Param("model.finetune_top_layers", "randint", (0, 2))
+    domain = depth.domain()
+    assert (domain.lower, domain.upper) == (0, 3)                  # Tune's upper bound is exclusive
+    draws = {domain.sample(random_state=np.random.default_rng(i)) for i in range(60)}
+    assert draws == {0, 1, 2}
+    assert not Param("model.fusion_dim", "choice", (8, 16)).encoded
+
+
+def test_trial_concurrency_fits_the_cluster(tmp_path):
+    config, tc = load_tune_config(write_yaml(tmp_path / "cfg.yaml", ray={"num_workers": 1, "cpus_per_worker": 1}))
+    assert trial_concurrency(config, tc, {"CPU": 2.0}) == 2
+    assert trial_concurrency(config.replace(**{"ray.num_workers": 2}), tc, {"CPU": 2.0}) == 1
+    assert trial_concurrency(config.replace(**{"ray.num_workers": 3}), tc, {"CPU": 2.0}) == 1    # at least 1
+    assert trial_concurrency(config.replace(**{"ray.cpus_per_worker": 0.5}), tc, {"CPU": 2.0}) == 4
+    gpu = config.replace(**{"ray.use_gpu": True, "ray.num_workers": 2})
+    assert trial_concurrency(gpu, tc, {"CPU": 16.0, "GPU": 4.0}) == 2
+    assert trial_concurrency(config, TuneConfig(max_concurrent_trials=1), {"CPU": 8.0}) == 1
+    assert "model.fusion_dim" in tunable_keys() and "train.epochs" not in tunable_keys()
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _start_interrupted_sweep(out: Path, sets: list[str], gcs_address: str, log: Path) -> None:
+    """`raysparse tune` in a subprocess on this test's Ray cluster; SIGKILLed once every trial has reported
+    epoch 1 (the test hook stalls each trial there), as a crashed driver would be."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from raysparse.ray_tune import PAUSED_FLAG, TEST_PAUSE_ENV
+
+    cmd = [sys.executable, "-m", "raysparse.cli", "tune", "--config", str(TUNE_TINY), "--output", str(out),
+           *[arg for item in sets for arg in ("--set", item)], "--set", f"ray.address={gcs_address}"]
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                env={**os.environ, TEST_PAUSE_ENV: "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while len(list(out.glob(f"trials/*/{PAUSED_FLAG}"))) < 2:
+                assert proc.poll() is None, f"the sweep ended before it was interrupted:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no trial reached epoch 1:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.ray
+def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder,
+                                                                       dataset_dir):
+    from ray import tune
+
+    from raysparse.ray_tune import TRIALS_CSV, read_train_run, run_tune, tune_trial
+    from raysparse.recommender import Recommender
+
+    cache = tmp_path / "cache"
+    out = tmp_path / "sweep"
+    sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={cache}",
+            "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.search=optuna"]
+    _start_interrupted_sweep(out, sets, ray_instance.get_runtime_context().gcs_address, tmp_path / "killed.log")
+    assert tune.Tuner.can_restore(out / "tune")
+    assert not (out / "best").exists()
+
+    config, tc = load_tune_config(TUNE_TINY, [f"output={out}", *sets])
+    result = run_tune(config, tc, resume=True)
+    # Trials that Tune ended (ASHA's stop) left no placement group holding CPUs.
+    live = [pg for pg in ray_instance.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert live == []
+
+    # The trial table: one row per trial, config -> metrics, best first.
+    trials = pd.read_csv(out / TRIALS_CSV)
+    assert len(trials) == 2
+    assert set(trials.status) <= {"completed", "stopped early"} and "completed" in set(trials.status)
+    assert {"model.fusion_dim", "model.text_dim", "model.dmf_user_layers", "train.lr", "epochs", "best_epoch",
+            f"best_{DEFAULT_METRIC}", f"final_{DEFAULT_METRIC}"} <= set(trials.columns)
+    assert "fusion_dim" in result["table"] and "best_ndcg@10" in result["table"]
+    # Each trial that went on after the interruption continued from its epoch-1 checkpoint.
+    for trial_id in trials[trials.status == "completed"].trial_id:
+        history, _ = read_train_run(str(out / "trials" / trial_id / "ray" / "train"))
+        assert [r["epoch"] for r in history] == [1, 2]
+        assert history[1]["restored_from_epoch"] == 1
+
+    # The exported best: loads, recommends, and its summary is the best trial's.
+    best = Recommender.load(out / "best")
+    recs = best.recommend(user_ids=["u000"], k=5)[0]
+    assert len(recs) == 5 and str(recs[0].item_id).startswith("i")
+    summary = json.loads((out / "best" / "summary.json").read_text())
+    top = trials.iloc[0]
+    assert summary["trial_id"] == top.trial_id
+    assert summary["value"] == summary["metrics"][DEFAULT_METRIC] == top[f"best_{DEFAULT_METRIC}"]
+    assert summary["value"] == max(trials[f"best_{DEFAULT_METRIC}"])
+    assert summary["best_epoch"] == summary["metrics"]["epoch"] == top.best_epoch
+    assert summary["config"]["model"]["fusion_dim"] == summary["params"]["model.fusion_dim"] == top["model.fusion_dim"]
+    assert best.config.model.fusion_dim == summary["params"]["model.fusion_dim"]
+    assert summary["source"]["checkpoint"].endswith(f"epoch_{summary['best_epoch']:04d}")
+    assert summary["test"]["test/overall/users"] == 120
+
+    # ... and equals what Tune itself recorded for that trial.
+    grid = tune.Tuner.restore(result["experiment"], trainable=tune_trial).get_results()
+    reported = {Path(r.path).name.removeprefix("trial_"): r.metrics_dataframe for r in grid}
+    assert set(reported) == set(trials.trial_id)
+    assert reported[summary["trial_id"]][DEFAULT_METRIC].max() == summary["value"]
+
+    # Frozen text tower: the item-text embeddings were computed once, before any trial, and shared.
+    cached = list(cache.glob("item_text_*.safetensors"))
+    assert len(cached) == 1
+    for trial_id in trials.trial_id:
+        folder = out / "trials" / trial_id
+        assert (folder / "cache").resolve() == cache.resolve()
+        assert cached[0].stat().st_mtime < (folder / "trial.json").stat().st_mtime
+
+    # --resume of the finished sweep exports the same best; a new sweep refuses the folder; a changed
+    # config cannot resume it.
+    again = run_tune(config, tc, resume=True)
+    assert (again["best"]["trial_id"], again["best"]["value"]) == (summary["trial_id"], summary["value"])
+    with pytest.raises(ConfigError, match="already holds a sweep. Pass --resume"):
+        run_tune(config, tc)
+    with pytest.raises(ConfigError, match=r"--resume: the config differs.*model.fusion_dim"):
+        run_tune(config.replace(**{"model.fusion_dim": 64}), tc, resume=True)
