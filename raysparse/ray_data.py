@@ -50,7 +50,7 @@ from raysparse.config import Config
 from raysparse.data.dataset import IndexedLog
 from raysparse.data.io import (FIX_HINT, FORMATS, MAX_SAMPLES, REASONS, ValidationReport, read_catalogue,
                                validate_interactions)
-from raysparse.data.split import Split
+from raysparse.data.split import Split, split_sorted_sequences
 from raysparse.data.text import render_item_texts
 from raysparse.data.vocab import Vocab
 from raysparse.errors import ConfigError, DataError
@@ -368,8 +368,6 @@ def split_sequences(sequences: list[np.ndarray], ratings: list[np.ndarray] | Non
     the same seeded cohort draw) as `raysparse.data.split.split_last_item` on an indexed log."""
     n_users = len(sequences)
     counts = np.array([len(s) for s in sequences], np.int64)
-    indptr = np.zeros(n_users + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
     items = np.concatenate(sequences) if n_users else np.zeros(0, np.int64)
     if ratings is not None:
         flat = np.concatenate(ratings).astype(np.float32)
@@ -377,31 +375,7 @@ def split_sequences(sequences: list[np.ndarray], ratings: list[np.ndarray] | Non
         weights = np.nan_to_num(flat / (top or 1.0), nan=1.0).astype(np.float32)  # DMF: rating / max rating
     else:
         weights = np.ones(len(items), np.float32)
-    evaluated = counts >= 3
-    val_item = np.full(n_users, -1, np.int64)
-    test_item = np.full(n_users, -1, np.int64)
-    val_item[evaluated] = items[indptr[1:][evaluated] - 2]
-    test_item[evaluated] = items[indptr[1:][evaluated] - 1]
-    train_len = counts - 2 * evaluated
-    rng = np.random.default_rng(seed)
-    cohort_k = np.zeros(n_users, np.int64)
-    eval_ids = np.flatnonzero(evaluated)
-    n_cohort = int(round(cohort_fraction * len(eval_ids)))
-    if n_cohort:
-        chosen = rng.choice(eval_ids, size=n_cohort, replace=False)
-        cohort_k[chosen] = rng.choice(np.asarray(cohort_ks, np.int64), size=n_cohort)
-    keep_len = np.where(cohort_k > 0, np.minimum(train_len, cohort_k), train_len)
-    owner = np.repeat(np.arange(n_users), counts)
-    pos = np.arange(len(items)) - indptr[owner]
-    in_train = (pos >= (train_len - keep_len)[owner]) & (pos < train_len[owner])
-    train_indptr = np.zeros(n_users + 1, np.int64)
-    np.cumsum(keep_len, out=train_indptr[1:])
-    stats = {"interactions": int(counts.sum()), "repeat_interactions_collapsed": 0, "users": n_users,
-             "items": n_items, "evaluated_users": int(len(eval_ids)), "cohort_users": n_cohort,
-             "train_interactions": int(in_train.sum()), "cut_by_cohort": int((train_len - keep_len).sum())}
-    return Split(n_users=n_users, n_items=n_items, train_indptr=train_indptr, train_items=items[in_train],
-                 train_weights=weights[in_train], val_item=val_item, test_item=test_item, cohort_k=cohort_k,
-                 stats=stats)
+    return split_sorted_sequences(items, weights, counts, n_items, cohort_fraction, cohort_ks, seed)
 
 
 def prepare_for_ray(config: Config) -> Prepared:

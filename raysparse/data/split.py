@@ -87,6 +87,17 @@ def split_last_item(log: IndexedLog, cohort_fraction: float = 0.2, cohort_ks: li
         users, items, weights = users[keep], items[keep], weights[keep]
 
     counts = np.bincount(users, minlength=n_users)
+    split = split_sorted_sequences(items, weights, counts, n_items, cohort_fraction, cohort_ks, seed)
+    split.stats.update(interactions=int(len(log)), repeat_interactions_collapsed=repeats)
+    return split
+
+
+def split_sorted_sequences(items: np.ndarray, weights: np.ndarray, counts: np.ndarray, n_items: int,
+                           cohort_fraction: float, cohort_ks: list[int] | tuple, seed: int) -> Split:
+    """The protocol on per-user sequences already in time order and free of repeats, concatenated user after
+    user: items/weights (E,), counts (U,). Shared by split_last_item and the Ray Data path, so both draw the
+    same cohort for the same seed."""
+    n_users = len(counts)
     indptr = np.zeros(n_users + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     evaluated = counts >= 3
@@ -107,15 +118,16 @@ def split_last_item(log: IndexedLog, cohort_fraction: float = 0.2, cohort_ks: li
     keep_len = np.where(cohort_k > 0, np.minimum(train_len, cohort_k), train_len)
 
     # Position of each row within its user's sequence, and of the training window [start, end).
-    pos = np.arange(len(users)) - indptr[users]
-    end = train_len[users]
-    start = end - keep_len[users]
+    owner = np.repeat(np.arange(n_users), counts)
+    pos = np.arange(len(items)) - indptr[owner]
+    end = train_len[owner]
+    start = end - keep_len[owner]
     in_train = (pos >= start) & (pos < end)
     train_indptr = np.zeros(n_users + 1, np.int64)
     np.cumsum(keep_len, out=train_indptr[1:])
     stats = {
-        "interactions": int(len(log)),
-        "repeat_interactions_collapsed": repeats,
+        "interactions": int(counts.sum()),
+        "repeat_interactions_collapsed": 0,
         "users": n_users, "items": n_items,
         "evaluated_users": int(len(eval_ids)), "cohort_users": n_cohort,
         "train_interactions": int(in_train.sum()),
