@@ -187,6 +187,32 @@ def _start_interrupted_sweep(out: Path, sets: list[str], gcs_address: str, log: 
 
 
 @pytest.mark.ray
+def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder, dataset_dir):
+    """The sweep end to end without interruption (the default suite); the resume path is the slow test below."""
+    from raysparse.ray_tune import TRIALS_CSV, run_tune
+    from raysparse.recommender import Recommender
+
+    out = tmp_path / "sweep"
+    sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.scheduler=none"]
+    config, tc = load_tune_config(TUNE_TINY, [f"output={out}", *sets])
+    run_tune(config, tc)
+    trials = pd.read_csv(out / TRIALS_CSV)
+    assert len(trials) == 2 and set(trials.status) == {"completed"}
+    best = Recommender.load(out / "best")
+    recs = best.recommend(user_ids=["u000"], k=5)[0]
+    assert len(recs) == 5
+    summary = json.loads((out / "best" / "summary.json").read_text())
+    top = trials.iloc[0]
+    assert summary["trial_id"] == top.trial_id
+    assert summary["value"] == summary["metrics"][DEFAULT_METRIC] == max(trials[f"best_{DEFAULT_METRIC}"])
+    assert best.config.model.fusion_dim == summary["params"]["model.fusion_dim"] == top["model.fusion_dim"]
+
+
+# Slow: it SIGKILLs a sweep at a known point and resumes it; under CI load the kill has raced the trial's
+# checkpoint registration once (the resumed trial then restarted from scratch), so it runs in `make test-all`.
+@pytest.mark.ray
+@pytest.mark.slow
 def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder,
                                                                        dataset_dir):
     from ray import tune
