@@ -312,19 +312,24 @@ def _section_from_dict(section: str, cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
-    """Read a YAML config (optional) and apply `--set section.key=value` strings."""
+def read_config_file(path: str | Path | None) -> dict:
+    """The YAML mapping in `path` ({} when no path), or a ConfigError saying what is wrong with the file."""
     import yaml
 
-    raw: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist; pass an existing YAML file to --config.")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}.")
-        raw = loaded or {}
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist; pass an existing YAML file to --config.")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}.")
+    return loaded or {}
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
+    """Read a YAML config (optional) and apply `--set section.key=value` strings."""
+    raw = read_config_file(path)
     overrides = {}
     for item in sets or []:
         if "=" not in item:

@@ -318,17 +318,9 @@ def load_tune_config(path: str | Path | None, sets: list[str] | None = None) -> 
     """The run config and the sweep from one YAML file (its `tune:` section) and `--set` strings; `tune.*`
     keys go to the sweep, the rest to the run. An empty `tune.space` becomes the default space for this
     config before `--set tune.space.KEY=...` overrides apply."""
-    import yaml
+    from raysparse.config import read_config_file
 
-    raw: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist; pass an existing YAML file to --config.")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}.")
-        raw = loaded or {}
+    raw = read_config_file(path)
     tune_raw = raw.pop("tune", None) or {}
     run_sets: dict[str, Any] = {}
     tune_sets: dict[str, Any] = {}

@@ -43,3 +43,30 @@ def tiny_encoder(tmp_path_factory, frames):
 
     texts = render_item_texts(frames[1], "{title}. {genres}")
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"), texts + ["space opera"])
+
+
+def make_artifact(tmp_path_factory, frames, encoder: str, seed: int = 0, variant: str = "fused") -> str:
+    """A tiny trained artifact, built once per pytest session (cached under the session's base temp dir)."""
+    from pathlib import Path
+
+    from raysparse.build import prepare_data
+    from raysparse.config import config_from_dict
+    from raysparse.local import run_local
+
+    out = Path(tmp_path_factory.getbasetemp()) / f"serve_artifact_{variant}_{seed}"
+    if not (out / "artifact" / "format.json").exists():
+        cfg = config_from_dict({
+            "output": str(out), "data": {"text_template": "{title}. {genres}", "max_length": 32},
+            "model": {"variant": variant, "text_model": encoder, "finetune": "top", "text_dim": 16,
+                      "fusion_dim": 16, "dmf_user_layers": [32, 16], "dmf_item_layers": [32, 16]},
+            "train": {"epochs": 1, "batch_size_per_worker": 64, "negatives_per_positive": 16, "seed": seed}})
+        run_local(cfg, prepare_data(cfg, frames), log=lambda _: None)
+    return str(out / "artifact")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
