@@ -100,12 +100,30 @@ class ModelConfig:
                              "encodes order as well as membership: the next item follows the latest ones.")
     gate: bool = _f(False, "Fused only: scale the text and DMF user vectors by a gate learned from the "
                            "history length, so very short histories can lean on text.")
+    history_encoder: str = _f("bag", "How the user side reads the history. 'bag': recency-weighted pooling (text "
+                                     "tower) and the DMF row. 'attention': a small transformer over the history "
+                                     "in order, one token per item = its learned embedding (variants with DMF) + "
+                                     "its text embedding (variants with text) + its recency slot; the DMF row "
+                                     "stays beside it in 'fused'. Needs finetune='frozen' when text is read.")
+    attention_dim: int = _f(64, "Token width of the history attention.")
+    attention_layers: int = _f(2, "Transformer layers of the history attention.")
+    attention_heads: int = _f(2, "Attention heads (must divide attention_dim).")
 
     def __post_init__(self) -> None:
         _choice("model.variant", self.variant, ("fused", "dmf", "text"))
         _choice("model.pooling", self.pooling, ("cls", "mean"))
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
         _choice("model.score", self.score, ("dot", "cosine"))
+        _choice("model.history_encoder", self.history_encoder, ("bag", "attention"))
+        for name in ("attention_dim", "attention_layers", "attention_heads"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.attention_dim % self.attention_heads:
+            raise ConfigError(f"model.attention_heads={self.attention_heads} must divide model.attention_dim="
+                              f"{self.attention_dim}; e.g. attention_heads=2 with attention_dim=64.")
+        if self.history_encoder == "attention" and self.uses_text and self.finetune != "frozen":
+            raise ConfigError("model.history_encoder='attention' reads the cached item text embeddings, so the "
+                              f"encoder would not train: set model.finetune=frozen (got {self.finetune!r}), or "
+                              "keep history_encoder='bag' to fine-tune the encoder on the history text.")
         for name in ("text_dim", "fusion_dim", "temperature"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.finetune_top_layers", self.finetune_top_layers, allow_zero=True)
@@ -138,7 +156,10 @@ class TrainConfig:
     negatives_per_positive: int = _f(64, "Uniform negatives per positive, shared by a batch and masked where "
                                          "the user has seen them; 0 = every item (full softmax).")
     example_mode: str = _f("prefix", "'prefix': each training item is predicted from the items before it "
-                                     "(what the last-item protocol asks). 'rest': from all other training items.")
+                                     "(what the last-item protocol asks). 'rest': from all other training items. "
+                                     "'sequence': one causal pass over each window of max_history items "
+                                     "predicts every next item at once (needs model.history_encoder="
+                                     "attention; SASRec's training, ~max_history times fewer passes).")
     target_gap_max: int = _f(1, "Prefix mode: an example's history may stop up to this many items before "
                                 "its target (drawn per example), matching test time where the validation "
                                 "item sits between the training history and the test item. 0 = next item only.")
@@ -153,7 +174,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.loss", self.loss, ("softmax", "bce"))
-        _choice("train.example_mode", self.example_mode, ("prefix", "rest"))
+        _choice("train.example_mode", self.example_mode, ("prefix", "rest", "sequence"))
         for name in ("epochs", "batch_size_per_worker", "lr", "grad_accum_steps", "eval_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.text_lr", self.text_lr, allow_zero=True)
@@ -200,6 +221,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.example_mode == "sequence" and self.model.history_encoder != "attention":
+            raise ConfigError("train.example_mode='sequence' trains every prefix of a sequence in one causal pass, "
+                              "which only the history attention can do: set model.history_encoder=attention, or "
+                              "use train.example_mode=prefix.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -391,10 +391,14 @@ def prepare_for_ray(config: Config) -> Prepared:
 
 # ------------------------------------------------------------------------------------------------ examples
 
-def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str) -> dict[str, np.ndarray]:
+def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str, max_history: int
+                     ) -> dict[str, np.ndarray]:
     """Rows (user_idx, start, length) -> one row per training example (user_idx, position, target), the
     examples of `BatchBuilder.training_examples(mode)`: prefix mode predicts position p >= 1 from the items
-    before it; rest mode predicts any position of a user with >= 2 training items from the others."""
+    before it; rest mode predicts any position of a user with >= 2 training items from the others; sequence
+    mode names each window of max_history transitions by its last item (`is_example`)."""
+    from raysparse.data.examples import is_example
+
     train_items = ray.get(train_items_ref) if isinstance(train_items_ref, ray.ObjectRef) else train_items_ref
     users, starts, lengths = batch["user_idx"], batch["start"], batch["length"]
     rep_users = np.repeat(users, lengths)
@@ -402,7 +406,7 @@ def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str) -
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     positions = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-    keep = positions >= 1 if mode == "prefix" else np.repeat(lengths, lengths) >= 2
+    keep = is_example(positions, np.repeat(lengths, lengths), mode, max_history)
     # Shuffled inside the block (seeded by its first user): a block mixes many users in random order.
     order = np.random.default_rng(int(users[0]) if len(users) else 0).permutation(int(keep.sum()))
     return {"user_idx": rep_users[keep].astype(np.int64)[order], "position": positions[keep][order],
@@ -410,7 +414,7 @@ def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str) -
 
 
 def build_example_dataset(split: Split, mode: str = "prefix", num_blocks: int = 8,
-                          progress_bars: bool = True) -> "ray.data.Dataset":
+                          progress_bars: bool = True, max_history: int = 50) -> "ray.data.Dataset":
     """Materialized Ray Dataset of training examples {user_idx, position, target} (see the module docstring).
     `num_blocks` blocks of users: enough blocks that each epoch's block order and worker shards vary.
     progress_bars=False: this dataset (and those derived from it, such as each epoch's ingest, which a
@@ -419,12 +423,12 @@ def build_example_dataset(split: Split, mode: str = "prefix", num_blocks: int = 
     saved = context.enable_progress_bars
     context.enable_progress_bars = progress_bars and saved
     try:
-        return _example_dataset(split, mode, num_blocks)
+        return _example_dataset(split, mode, num_blocks, max_history)
     finally:
         context.enable_progress_bars = saved
 
 
-def _example_dataset(split: Split, mode: str, num_blocks: int) -> "ray.data.Dataset":
+def _example_dataset(split: Split, mode: str, num_blocks: int, max_history: int) -> "ray.data.Dataset":
     lengths = np.diff(split.train_indptr).astype(np.int64)
     users = pd.DataFrame({"user_idx": np.arange(split.n_users, dtype=np.int64),
                           "start": split.train_indptr[:-1].astype(np.int64), "length": lengths})
@@ -432,7 +436,8 @@ def _example_dataset(split: Split, mode: str, num_blocks: int) -> "ray.data.Data
     parts = [users.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     ref = ray.put(split.train_items)
     ds = ray.data.from_pandas(parts).map_batches(_expand_examples, batch_format="numpy",
-                                                 fn_kwargs={"train_items_ref": ref, "mode": mode})
+                                                 fn_kwargs={"train_items_ref": ref, "mode": mode,
+                                                            "max_history": max_history})
     return ds.materialize()
 
 

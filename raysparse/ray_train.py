@@ -498,8 +498,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, (users, targets, positions) in zip(range(steps), examples_iter):
             stamps.append(time.perf_counter())
             cpu_stamps.append(time.process_time())
-            hist, weights = builder.example_histories(users, positions, tc.example_mode, rng)
-            batch = _batch_to(builder.collate(users, targets, hist, weights, rng), device, dtype)
+            batch = _batch_to(builder.training_batch(users, targets, positions, tc.example_mode, rng), device, dtype)
             loss = compute_loss(engine(batch), tc.loss)
             engine.backward(loss)
             engine.step()
@@ -660,7 +659,8 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     prepared = prepare_for_ray(config)
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
     dataset = build_example_dataset(prepared.split, config.train.example_mode,
-                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False)
+                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False,
+                                    max_history=config.data.max_history)
     n_examples = dataset.count()
     if n_examples // config.ray.num_workers < 1:
         raise ConfigError(f"only {n_examples} training examples for ray.num_workers={config.ray.num_workers}; "

@@ -904,7 +904,8 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
     warm_text_cache(config, params, prepared, cache_dir, log)
     dataset = build_example_dataset(prepared.split, config.train.example_mode,
-                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False)
+                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False,
+                                    max_history=config.data.max_history)
     n_examples = dataset.count()
     if n_examples // config.ray.num_workers < 1:
         raise ConfigError(f"only {n_examples} training examples for ray.num_workers={config.ray.num_workers}; "

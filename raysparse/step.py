@@ -28,8 +28,8 @@ def compute_loss(out: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     pos, cand, mask = out["pos"].float(), out["cand"].float(), out["neg_mask"]
     neg = cand.masked_fill(~mask, float("-inf"))
     if loss == "softmax":
-        logits = torch.cat([pos[:, None], neg], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+        # -log softmax of the target among [target, negatives], without concatenating a (B, 1 + M) copy.
+        return (torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos).mean()
     if loss == "bce":
         pos_loss = F.softplus(-pos)                                   # -log sigmoid(pos)
         neg_loss = (F.softplus(cand) * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -220,7 +220,7 @@ def _ray_run(config, prepared, prepared_ref, out: Path, workers: int, args: argp
     cfg = config.replace(**{"ray.num_workers": workers, "output": str(out / f"ray{workers}"),
                             "ray.storage_path": str(out / f"ray{workers}" / "ray")})
     dataset = build_example_dataset(prepared.split, cfg.train.example_mode, num_blocks=max(8, 4 * workers),
-                                    progress_bars=False)
+                                    progress_bars=False, max_history=cfg.data.max_history)
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, prepared_ref, dataset, dataset.count(), deepspeed_config(cfg, workers),
                             validate=False)

@@ -49,12 +49,22 @@ class BatchBuilder:
     # ---- examples ----------------------------------------------------------------------------------------
     def training_examples(self, mode: str = "prefix") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user_idx, target, position) for every training interaction that has a non-empty history.
-        position = index of the target in the user's oldest-first training sequence."""
+        position = index of the target in the user's oldest-first training sequence.
+        In 'sequence' mode an example is a window of the sequence, named by its last item (see
+        `is_example`): one per max_history transitions."""
         lengths = self.split.history_lengths()
         users = np.repeat(np.arange(self.split.n_users), lengths)
         positions = np.arange(len(users)) - self.split.train_indptr[users]
-        has_history = positions >= 1 if mode == "prefix" else lengths[users] >= 2
-        return users[has_history], self.split.train_items[has_history], positions[has_history]
+        keep = is_example(positions, lengths[users], mode, self.max_history)
+        return users[keep], self.split.train_items[keep], positions[keep]
+
+    def training_batch(self, users: np.ndarray, targets: np.ndarray, positions: np.ndarray, mode: str,
+                       rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The batch of these examples, in any mode (the plain loop and the Ray Train workers call this)."""
+        if mode == "sequence":
+            return self.sequence_batch(users, positions, rng)
+        hist, weights = self.example_histories(users, positions, mode, rng)
+        return self.collate(users, targets, hist, weights, rng)
 
     def example_histories(self, users: np.ndarray, positions: np.ndarray, mode: str = "prefix",
                           rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -124,11 +134,10 @@ class BatchBuilder:
                 "col_offsets": torch.from_numpy(cols.indptr[:-1].astype(np.int64)),
                 "col_weights": torch.from_numpy(cols.data.astype(np.float32))}
 
-    def collate(self, users: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray],
-                weights: Sequence[np.ndarray] | None, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """A training batch: inputs, candidates = targets + shared uniform negatives, masks."""
-        users = np.asarray(users, np.int64)
-        targets = np.asarray(targets, np.int64)
+    def _candidates(self, users: np.ndarray, targets: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate items (M,) = targets + shared uniform negatives; each target's index in them (B,); and
+        neg_mask (B, M): the candidate is a sampled negative that this row's user has never seen."""
         if self.negatives <= 0 or self.negatives >= self.split.n_items:
             # Full softmax: every item is a candidate (what SASRec trains with); affordable for catalogues
             # of tens of thousands of items since item vectors are one EmbeddingBag pass.
@@ -138,16 +147,77 @@ class BatchBuilder:
             sampled = np.unique(rng.integers(0, self.split.n_items, size=self.negatives))
             cand = np.union1d(targets, sampled)
             is_sampled = np.isin(cand, sampled)
-        target_pos = np.searchsorted(cand, targets)
-        seen = self.seen[users][:, cand].toarray() != 0
-        neg_mask = is_sampled[None, :] & ~seen & (cand[None, :] != targets[:, None])
+        target_pos = np.searchsorted(cand, targets).astype(np.int64)
+        # Rows repeat users (sequence batches: one row per prediction): read each user's row once.
+        unique_users, row_of = np.unique(users, return_inverse=True)
+        rows = self.seen[unique_users]
+        seen = (rows if len(cand) == self.split.n_items else rows[:, cand]).toarray() != 0
+        neg_mask = is_sampled[None, :] & ~seen[row_of] & (cand[None, :] != targets[:, None])
+        return cand, target_pos, neg_mask
+
+    def collate(self, users: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray],
+                weights: Sequence[np.ndarray] | None, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A training batch: inputs, candidates = targets + shared uniform negatives, masks."""
+        users = np.asarray(users, np.int64)
+        targets = np.asarray(targets, np.int64)
+        cand, target_pos, neg_mask = self._candidates(users, targets, rng)
         batch = self.user_inputs(histories, weights)
         batch.update(self.item_bags(cand))
         batch["user_idx"] = torch.from_numpy(users)
-        batch["target_pos"] = torch.from_numpy(target_pos.astype(np.int64))
+        batch["target_pos"] = torch.from_numpy(target_pos)
         batch["target_col_weight"] = torch.from_numpy(
             np.asarray(self.seen[users, targets]).ravel().astype(np.float32))
         batch["neg_mask"] = torch.from_numpy(neg_mask)
+        return batch
+
+    def sequence_batch(self, users: np.ndarray, ends: np.ndarray, rng: np.random.Generator
+                       ) -> dict[str, torch.Tensor]:
+        """Windows of training sequences for one causal pass each (example_mode='sequence').
+
+        A window ends at item `end` of the user's sequence and holds up to max_history + 1 items w; the inputs
+        w[:-1] sit right-aligned in seq (B, max_history), PAD-filled on the left. Each input position t
+        predicts w[t + 1] (the next item) and, with target_gap_max >= 1, w[t + 2] (one further: at test time
+        the validation item sits between the history and the test item). With short_history_prob, a row is
+        read as blocks of k items (window = k, k from data.cohort_ks), each position seeing 1..k recent items
+        of its block: sparse users at test time.
+        Negatives are shared as in `collate`; an item the user has seen is never a negative.
+        """
+        from raysparse.model.sequence import PAD
+
+        users = np.asarray(users, np.int64)
+        n, length = len(users), self.max_history
+        seq = np.full((n, length), PAD, np.int64)
+        seq_weights = np.zeros((n, length), np.float32)
+        rows, cols, targets = [], [], []
+        for b, (u, end) in enumerate(zip(users.tolist(), np.asarray(ends).tolist())):
+            lo = self.split.train_indptr[u]
+            start = max(0, end - length)
+            items = self.split.train_items[lo + start: lo + end + 1]
+            m = len(items) - 1                                  # inputs in this window
+            seq[b, length - m:] = items[:-1]
+            seq_weights[b, length - m:] = self.split.train_weights[lo + start: lo + end]
+            for gap in range(self.target_gap_max + 1):
+                t = np.arange(length - m, length - gap)           # input positions with a target gap+1 ahead
+                rows.append(np.full(len(t), b))
+                cols.append(t)
+                targets.append(items[1 + gap:])
+        window = np.zeros(n, np.int64)
+        if self.short_history_prob > 0:
+            short = rng.random(n) < self.short_history_prob
+            window[short] = rng.choice(np.asarray(self.short_history_ks, np.int64), size=int(short.sum()))
+        pred_row = np.concatenate(rows).astype(np.int64)
+        pred_col = np.concatenate(cols).astype(np.int64)
+        pred_target = np.concatenate(targets).astype(np.int64)
+        pred_user = users[pred_row]
+        cand, target_pos, neg_mask = self._candidates(pred_user, pred_target, rng)
+        batch = {"seq": torch.from_numpy(seq), "seq_weights": torch.from_numpy(seq_weights),
+                 "window": torch.from_numpy(window), "user_idx": torch.from_numpy(users),
+                 "pred_row": torch.from_numpy(pred_row), "pred_col": torch.from_numpy(pred_col),
+                 "target_pos": torch.from_numpy(target_pos),
+                 "target_col_weight": torch.from_numpy(
+                     np.asarray(self.seen[pred_user, pred_target]).ravel().astype(np.float32)),
+                 "neg_mask": torch.from_numpy(neg_mask)}
+        batch.update(self.item_bags(cand))
         return batch
 
     def iterate_epoch(self, batch_size: int, rng: np.random.Generator, mode: str = "prefix",
@@ -158,11 +228,22 @@ class BatchBuilder:
         steps = 0
         for start in range(0, len(order), batch_size):
             sel = order[start:start + batch_size]
-            hist, w = self.example_histories(users[sel], positions[sel], mode, rng)
-            yield self.collate(users[sel], targets[sel], hist, w, rng)
+            yield self.training_batch(users[sel], targets[sel], positions[sel], mode, rng)
             steps += 1
             if max_steps and steps >= max_steps:
                 return
+
+
+def is_example(positions: np.ndarray, lengths: np.ndarray, mode: str, max_history: int) -> np.ndarray:
+    """Which (position in the user's sequence, sequence length) pairs are training examples.
+    prefix: every item with at least one item before it. rest: every item of a user with >= 2 items.
+    sequence: the last item of each window, windows taken from the newest end backwards, each holding
+    max_history transitions and sharing one item with the next (every transition is predicted once)."""
+    if mode == "prefix":
+        return positions >= 1
+    if mode == "rest":
+        return lengths >= 2
+    return (positions >= 1) & ((lengths - 1 - positions) % max_history == 0)
 
 
 def all_item_bags(builder: BatchBuilder, chunk: int = 4096):

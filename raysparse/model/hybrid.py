@@ -15,6 +15,7 @@ from torch import nn
 
 from raysparse.config import ModelConfig
 from raysparse.model.dmf import SparseMLP, bag_counts
+from raysparse.model.sequence import HistoryAttention, block_starts
 from raysparse.model.text import TextTower
 
 
@@ -29,14 +30,29 @@ class HybridRecommender(nn.Module):
         d = cfg.fusion_dim
         self.text = text_tower if cfg.uses_text else None
         self.dmf_user = SparseMLP(n_items, cfg.dmf_user_layers, cfg.dropout) if cfg.uses_dmf else None
-        user_in = (cfg.text_dim if cfg.uses_text else 0) + (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
+        # history_encoder='attention': one sequence part (item ids if DMF is used, item text if text is used)
+        # takes the place of the text tower's pooled vector; in 'fused' the DMF row stays beside it.
+        self.history = None
+        if cfg.history_encoder == "attention":
+            self.history = HistoryAttention(
+                n_items, cfg.attention_dim, cfg.attention_layers, cfg.attention_heads, cfg.dropout,
+                text_hidden=text_tower.hidden_size if cfg.uses_text else 0, use_item_ids=cfg.uses_dmf)
+        first_dim = cfg.attention_dim if self.history is not None else cfg.text_dim
+        user_in = (first_dim if cfg.uses_text or self.history is not None else 0) + \
+            (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
         self.fusion = nn.Sequential(nn.Linear(user_in, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
         self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout)
         self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], d)
         self.item_text_proj = (nn.Linear(text_tower.hidden_size, d, bias=False)
                                if cfg.uses_text and cfg.item_text else None)
+        # The history attention's item embeddings also describe items as targets (SASRec shares them too).
+        self.item_id_proj = (nn.Linear(cfg.attention_dim, d, bias=False)
+                             if self.history is not None and self.history.item_emb is not None else None)
         # One weight per recency slot of the DMF row (slot 0 = newest), exp(0) = 1 at the start.
-        self.row_recency = nn.Parameter(torch.zeros(max_history)) if cfg.uses_dmf and cfg.recency else None
+        # (Not with history attention: there order is the attention's job, and an unweighted row lets one pass
+        # over a sequence give every prefix's row as a running sum.)
+        self.row_recency = (nn.Parameter(torch.zeros(max_history))
+                            if cfg.uses_dmf and cfg.recency and self.history is None else None)
         # Gate from log(1 + history length) to a scale for each of the two user parts (starts at 1, 1).
         self.gate = nn.Linear(1, 2) if cfg.variant == "fused" and cfg.gate else None
         if self.gate is not None:
@@ -47,7 +63,11 @@ class HybridRecommender(nn.Module):
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) from the history bag (hist_items/hist_offsets/hist_weights) and/or the text inputs."""
         parts = []
-        if self.text is not None:
+        if self.history is not None:
+            parts.append(self.history(batch["hist_items"], batch["hist_offsets"], batch["hist_pos"],
+                                      self.text.item_text_emb if self.text is not None else None,
+                                      batch.get("query_emb")))
+        elif self.text is not None:
             parts.append(self.text(batch))
         if self.dmf_user is not None:
             weights = batch["hist_weights"]
@@ -55,9 +75,13 @@ class HybridRecommender(nn.Module):
                 slots = batch["hist_pos"].clamp(max=len(self.row_recency) - 1)
                 weights = weights * torch.exp(self.row_recency[slots])
             parts.append(self.dmf_user(batch["hist_items"], batch["hist_offsets"], weights))
+        counts = bag_counts(batch["hist_offsets"], batch["hist_items"].numel())
+        return self._fuse(parts, counts)
+
+    def _fuse(self, parts: list[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        """User parts (B, *) each, history lengths (B,) -> (B, D): gate, modality dropout, fusion MLP."""
         if self.gate is not None:
-            counts = bag_counts(batch["hist_offsets"], batch["hist_items"].numel()).to(parts[0].dtype)
-            scale = 2 * torch.sigmoid(self.gate(torch.log1p(counts)[:, None]))   # (B, 2), 1 at init
+            scale = 2 * torch.sigmoid(self.gate(torch.log1p(counts.to(parts[0].dtype))[:, None]))  # 1 at init
             parts = [parts[0] * scale[:, :1], parts[1] * scale[:, 1:]]
         if self.training and self.cfg.variant == "fused" and self.cfg.modality_dropout > 0:
             parts = self._modality_dropout(parts)
@@ -78,6 +102,8 @@ class HybridRecommender(nn.Module):
         vec = self.item_proj(dmf_hidden)
         if self.item_text_proj is not None:
             vec = vec + self.item_text_proj(self.text.item_text_emb[items].to(vec.dtype))
+        if self.item_id_proj is not None:
+            vec = vec + self.item_id_proj(self.history.item_emb(items))
         return vec
 
     def item_vectors(self, items: torch.Tensor, col_users: torch.Tensor, col_offsets: torch.Tensor,
@@ -99,6 +125,11 @@ class HybridRecommender(nn.Module):
         return (users * items).sum(-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "seq" in batch:
+            return self.forward_sequence(batch)
+        return self.forward_examples(batch)
+
+    def forward_examples(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training forward: logits of each example's target and of the shared candidate items.
 
         Returns pos (B,), cand (B, M) and neg_mask (B, M) (which candidates are valid negatives).
@@ -106,14 +137,54 @@ class HybridRecommender(nn.Module):
         (target_col_weight = that entry's weight): the user's interaction with the target must not be an
         input when scoring the target. Negatives never contain the user (they are unseen items).
         """
-        users = self.user_vectors(batch)
+        return self._training_logits(self.user_vectors(batch), batch["user_idx"], batch)
+
+    def _training_logits(self, users: torch.Tensor, user_idx: torch.Tensor, batch: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        """users (N, D) and their user indices (N,) -> pos (N,), cand (N, M), neg_mask (N, M). The target's
+        column loses this user's own entry (its weight: target_col_weight) before the target is scored."""
         sums = self.dmf_item.bag_sums(batch["col_users"], batch["col_offsets"], batch["col_weights"])
         counts = bag_counts(batch["col_offsets"], batch["col_users"].numel())
         cand = self._item_out(self.dmf_item.head(sums, counts), batch["cand_items"])
         pos_idx = batch["target_pos"]
-        own = self.dmf_item.bag.weight[batch["user_idx"]] * batch["target_col_weight"][:, None]
+        own = self.dmf_item.bag.weight[user_idx] * batch["target_col_weight"][:, None]
         removed = (batch["target_col_weight"] != 0).to(counts.dtype)
         pos_hidden = self.dmf_item.head(sums[pos_idx] - own, counts[pos_idx] - removed)
         pos_items = self._item_out(pos_hidden, batch["cand_items"][pos_idx])
         return {"pos": self.score_pairs(users, pos_items), "cand": self.score(users, cand),
                 "neg_mask": batch["neg_mask"]}
+
+    def forward_sequence(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training forward over whole sequences (train.example_mode='sequence', history attention only).
+
+        batch: seq / seq_weights (B, L) oldest -> newest, left-padded with PAD; window (B,) (0 = full history,
+        k = blocks of k items, see HistoryAttention.encode); pred_row / pred_col (N,) the positions that predict
+        a target; target_pos, target_col_weight (N,); cand_items with their column bags; neg_mask (N, M).
+        The user after each prefix comes from one causal pass (attention) and running sums (DMF row, linear
+        first layer), so position t reads items <= t only. Returns pos (N,), cand (N, M), neg_mask (N, M)
+        like `forward_examples`, one row per prediction.
+        """
+        return self._training_logits(self.sequence_users(batch), batch["user_idx"][batch["pred_row"]], batch)
+
+    def sequence_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, D): the user vector each prediction of a sequence batch is made from; equal to `user_vectors`
+        of the history that prediction reads (tested)."""
+        seq, window = batch["seq"], batch["window"]
+        rows, cols = batch["pred_row"], batch["pred_col"]
+        valid = (seq >= 0)
+        # What each prediction reads: positions start..col (start > 0 inside a short-history block), as running
+        # totals minus the totals before start.
+        prev = block_starts(seq.shape[1], window, rows, cols) - 1
+        use_prev = prev >= 0
+        running = valid.long().cumsum(1)
+        counts = running[rows, cols] - running[rows, prev.clamp(min=0)] * use_prev
+        parts = []
+        text_table = self.text.item_text_emb if self.text is not None else None
+        hidden = self.history.forward_sequence(seq, text_table, window)
+        parts.append(hidden[rows, cols])
+        if self.dmf_user is not None:
+            w = (batch["seq_weights"] * valid).unsqueeze(-1)
+            running_sums = (self.dmf_user.bag.weight[seq.clamp(min=0)] * w).cumsum(1)          # (B, L, H)
+            sums = running_sums[rows, cols] - running_sums[rows, prev.clamp(min=0)] * use_prev[:, None]
+            parts.append(self.dmf_user.head(sums, counts))
+        return self._fuse(parts, counts)

@@ -1,0 +1,186 @@
+"""History attention (model.history_encoder='attention'): known answers on planted orders, padding, text users."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysparse.build import prepare_data
+from raysparse.config import config_from_dict
+from raysparse.errors import ConfigError
+from raysparse.local import run_local
+from raysparse.model.sequence import HistoryAttention
+
+
+def walks(n_users: int = 160, n_items: int = 24, length: int = 8, seed: int = 0):
+    """Each user walks the item ring one step at a time, half of them forwards and half backwards, from a random
+    start. The last two items give the direction, so the held-out next item is known; a model that ignores
+    order sees the same pair {x, x+1} for a forward user ending at x+1 and a backward user ending at x."""
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame({"item_id": [f"i{i:02d}" for i in range(n_items)],
+                          "title": [f"film {i}" for i in range(n_items)]})
+    rows = []
+    for u in range(n_users):
+        step = 1 if u % 2 == 0 else -1
+        start = int(rng.integers(0, n_items))
+        for t in range(length):
+            rows.append((f"u{u:03d}", f"i{(start + step * t) % n_items:02d}", 1000 + t))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]), items
+
+
+def walk_config(tmp_path, variant: str = "dmf", text_model: str = "", example_mode: str = "prefix", **model):
+    base = {"variant": variant, "text_model": text_model, "finetune": "frozen", "history_encoder": "attention",
+            "attention_dim": 32, "attention_layers": 1, "attention_heads": 2, "fusion_dim": 32, "text_dim": 16,
+            "dmf_user_layers": [32], "dmf_item_layers": [32], "dropout": 0.0, "modality_dropout": 0.0}
+    base.update(model)
+    return config_from_dict({
+        "output": str(tmp_path), "data": {"text_template": "{title}", "max_length": 16, "cohort_fraction": 0},
+        "model": base,
+        "train": {"epochs": 30, "batch_size_per_worker": 64, "negatives_per_positive": 0, "lr": 0.01,
+                  "short_history_prob": 0.0, "example_mode": example_mode}})
+
+
+@pytest.mark.parametrize("example_mode", ["prefix", "sequence"])
+def test_attention_learns_the_direction_of_a_walk(tmp_path, example_mode):
+    """Known answer: the test item is the walk's next step (two past the training history, validation between);
+    it must rank first for nearly every user, which needs the order of the last items, not just their set."""
+    torch.manual_seed(0)
+    cfg = walk_config(tmp_path, example_mode=example_mode)
+    _, summary = run_local(cfg, prepare_data(cfg, walks()), log=lambda s: None, save=False)
+    # The recency-weighted bag (history_encoder=bag) reaches MRR ~0.92 here; attention gets every user right.
+    assert summary["test"]["test/overall/mrr"] >= 0.97, summary["test"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return HistoryAttention(n_items=12, dim=16, layers=2, heads=2, dropout=0.0, text_hidden=8,
+                            use_item_ids=True).eval()
+
+
+def _bags(histories):
+    items = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+    offsets = torch.tensor(np.cumsum([0] + [len(h) for h in histories[:-1]]), dtype=torch.long)
+    positions = torch.tensor([p for h in histories for p in range(len(h))], dtype=torch.long)
+    return items, offsets, positions
+
+
+def test_a_users_vector_does_not_depend_on_the_rest_of_the_batch(encoder):
+    text = torch.randn(12, 8)
+    alone = encoder(*_bags([[3, 1]]), text)
+    together = encoder(*_bags([[5, 6, 7, 8, 9], [3, 1], []]), text)
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(together[2]).all()                    # an empty history is a finite vector
+
+
+def test_order_changes_the_vector_and_text_users_are_one_token(encoder):
+    text = torch.randn(12, 8)
+    forward, backward = encoder(*_bags([[3, 4], [4, 3]]), text)
+    assert not torch.allclose(forward, backward)
+    query = torch.randn(2, 8)
+    empty = _bags([[], []])
+    by_text = encoder(*empty, text, query_emb=query)
+    assert not torch.allclose(by_text[0], by_text[1])          # different texts, different users
+
+
+def test_attention_with_a_fine_tuned_text_tower_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="finetune=frozen"):
+        walk_config(tmp_path, variant="fused", finetune="top")
+    with pytest.raises(ConfigError, match="must divide"):
+        walk_config(tmp_path, attention_heads=3)
+
+
+def test_softmax_loss_is_cross_entropy_over_the_target_and_its_valid_negatives():
+    from raysparse.step import compute_loss
+
+    torch.manual_seed(0)
+    pos, cand = torch.randn(5), torch.randn(5, 7)
+    mask = torch.rand(5, 7) > 0.4
+    mask[0] = False                                            # no valid negative: loss 0
+    expected = []
+    for i in range(5):
+        logits = torch.cat([pos[i:i + 1], cand[i][mask[i]]])
+        expected.append(torch.nn.functional.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long)))
+    got = compute_loss({"pos": pos, "cand": cand, "neg_mask": mask}, "softmax")
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_each_position_equals_the_model_run_on_its_prefix_alone(encoder):
+    """Causal attention with distance-only positions: one pass gives every prefix's user (what sequence-mode
+    training relies on); window k reads the row as blocks of k items, each position a user of 1..k items."""
+    from raysparse.model.sequence import PAD
+
+    text = torch.randn(12, 8)
+    items = [4, 9, 2, 7, 11]
+    seq = torch.tensor([[PAD, PAD] + items])
+    every = encoder.forward_sequence(seq, text)[0]                              # (7, dim)
+    windowed = encoder.forward_sequence(seq, text, window=torch.tensor([2]))[0]
+    for t in range(1, len(items) + 1):
+        prefix = items[:t]
+        alone = encoder(*_bags([prefix[::-1]]), text)[0]                        # bags are newest first
+        torch.testing.assert_close(every[1 + t], alone, rtol=1e-4, atol=1e-5)
+        # window 2 from the newest end: blocks {11, 7}, {2, 9}, {4}; a position reads its block up to itself
+        block = [[4], [9], [9, 2], [7], [7, 11]][t - 1]
+        cut = encoder(*_bags([block[::-1]]), text)[0]
+        torch.testing.assert_close(windowed[1 + t], cut, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
+    """On the walks each target is one or two steps along the user's ring from the input at its position (known
+    answer), is never among the items that position reads, and each user's row of neg_mask hides their items."""
+    from raysparse.build import build_batches
+
+    frames = walks(n_users=20, n_items=24, length=8)
+    cfg = walk_config(tmp_path, example_mode="sequence").replace(**{"data.max_history": 4,
+                                                                    "train.short_history_prob": 0.5})
+    prepared = prepare_data(cfg, frames)
+    builder = build_batches(cfg, prepared.split, None)
+    users, targets, ends = builder.training_examples("sequence")
+    # Windows of 4 transitions sharing one item: a 7-item training sequence (8 minus validation... the test
+    # item is held out too) gives windows ending at items 6 and 2.
+    lengths = prepared.split.history_lengths()
+    assert len(users) == sum(len(range(n - 1, 0, -4)) for n in lengths)
+    batch = builder.training_batch(users, targets, ends, "sequence", np.random.default_rng(0))
+    seq, window = batch["seq"].numpy(), batch["window"].numpy()
+    item_index = {raw: i for i, raw in enumerate(prepared.log.items.raw_ids)}
+    number = {i: int(raw[1:]) for raw, i in item_index.items()}
+    cand = batch["cand_items"].numpy()
+    for row, col, tpos in zip(batch["pred_row"].tolist(), batch["pred_col"].tolist(), batch["target_pos"].tolist()):
+        target = int(cand[tpos])
+        assert target not in seq[row, :col + 1]             # what the position reads is a subset of this
+        step = (number[target] - number[int(seq[row, col])]) % 24
+        assert step in (1, 2, 22, 23), (row, col, step)
+    mask = batch["neg_mask"].numpy()
+    for i, row in enumerate(batch["pred_row"].tolist()):
+        seen = prepared.split.history(int(batch["user_idx"][row]))
+        assert not mask[i, np.searchsorted(cand, seen)].any()
+
+
+def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path):
+    """One causal pass + running DMF sums give, for every prediction, the user vector that scoring the history
+    it reads would give (eval mode): training on sequences trains the model that serving runs."""
+    from raysparse.build import build_batches
+    from raysparse.local import build_recommender
+
+    cfg = walk_config(tmp_path, example_mode="sequence").replace(**{"data.max_history": 5,
+                                                                    "train.short_history_prob": 0.5})
+    prepared = prepare_data(cfg, walks(n_users=12, length=8))
+    rec = build_recommender(cfg, prepared)
+    builder = build_batches(cfg, prepared.split, None)
+    users, targets, ends = builder.training_examples("sequence")
+    batch = builder.training_batch(users, targets, ends, "sequence", np.random.default_rng(1))
+    assert (batch["window"] > 0).any() and (batch["window"] == 0).any()
+    model = rec.model.eval()
+    with torch.no_grad():
+        got = model.sequence_users(batch)
+        seq, window, length = batch["seq"], batch["window"], batch["seq"].shape[1]
+        histories = []
+        for row, col in zip(batch["pred_row"].tolist(), batch["pred_col"].tolist()):
+            k = int(window[row])
+            start = length - ((length - 1 - col) // k + 1) * k if k > 0 else 0
+            read = seq[row, max(start, 0):col + 1]
+            histories.append(read[read >= 0].numpy()[::-1].copy())          # newest first
+        expected = model.user_vectors(builder.user_inputs(histories))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
