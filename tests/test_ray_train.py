@@ -260,10 +260,11 @@ def test_ray_data_preparation_matches_pandas_and_builds_the_same_examples(ray_in
         assert ours.split.history(a).tolist() == core.split.history(b).tolist()
         assert (ours.split.val_item[a], ours.split.test_item[a]) == (core.split.val_item[b], core.split.test_item[b])
 
-    rows = build_example_dataset(ours.split, "prefix", num_blocks=4).to_pandas()
-    builder = BatchBuilder(ours.split, None, max_history=10, max_length=32, negatives=4, with_tokens=False)
-    expected = sorted(zip(*(a.tolist() for a in builder.training_examples("prefix"))))
-    assert sorted(zip(rows.user_idx, rows.target, rows.position)) == expected
+    builder = BatchBuilder(ours.split, None, max_history=3, max_length=32, negatives=4, with_tokens=False)
+    for mode in ("prefix", "sequence"):  # sequence: windows of 3 transitions, named by their last item
+        rows = build_example_dataset(ours.split, mode, num_blocks=4, max_history=3).to_pandas()
+        expected = sorted(zip(*(a.tolist() for a in builder.training_examples(mode))))
+        assert sorted(zip(rows.user_idx, rows.target, rows.position)) == expected
 
     # 'fail' mode: one clear error naming the file, the reason and the values, before any training.
     bad = interactions.iloc[400:].copy()
@@ -345,6 +346,30 @@ def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp
     assert resumed["history"][:2] == summary["history"]
     assert resumed["restored_from_epochs"] == [2]
     assert [json.loads(line)["epoch"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_sequence_training_on_two_workers_validates_like_one_process(ray_instance, tmp_path, tiny_encoder,
+                                                                     dataset_dir):
+    """History attention trained SASRec-style (example_mode=sequence) through Ray Data + Ray Train + DeepSpeed:
+    the workers split the windows, and the distributed validation equals the single-process one."""
+    from raysparse.ray_train import run_ray_training
+
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=1", "train.epochs=1",
+                      "model.finetune=frozen", "model.history_encoder=attention", "model.attention_dim=16",
+                      "train.example_mode=sequence", "train.negatives_per_positive=0", "train.batch_size_per_worker=8")
+    summary = run_ray_training(cfg)
+    record = summary["history"][0]
+    windows = sum(len(range(n - 1, 0, -cfg.data.max_history)) for n in _lengths(cfg))
+    assert record["steps"] == min(math.ceil((windows // 2) / 8), cfg.train.max_steps_per_epoch)   # half each
+    single = _single_process_val(tmp_path / "out" / "ray" / "train" / "epoch_0001" / "artifact", cfg)
+    assert {k: v for k, v in record.items() if k.startswith("val/")} == single
+
+
+def _lengths(cfg) -> list[int]:
+    from raysparse.build import prepare_data
+
+    return prepare_data(cfg).split.history_lengths().tolist()
 
 
 @pytest.mark.ray

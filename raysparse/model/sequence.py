@@ -11,8 +11,9 @@ Tokens sit oldest to newest; a few pre-LayerNorm transformer layers mix them wit
 position signal is a linear penalty on the distance between query and key (ALiBi, Press et al., ICLR 2022),
 with one learned slope per head. Because the output at position t depends only on the items up to t and on
 their distances to t, it equals the output of the same model run on that prefix alone: one pass over a
-training sequence yields the user vector after every prefix (train.example_mode='sequence'), and a window
-limit on the keys gives the vector of a history cut to its k most recent items (sparse users at test time).
+training sequence yields the user vector after every prefix (train.example_mode='sequence'). Attention kept
+inside blocks of k positions (in every layer) turns one row into many histories of 1..k recent items: the
+sparse users of test time.
 
 The user vector is the output at the newest position. The text term is what sparse users gain: an item seen
 by a handful of users still has a meaningful token. A user known only by a free text is a one-token history
