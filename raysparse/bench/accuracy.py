@@ -44,7 +44,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--baselines", default=",".join(BASELINE_NAMES), help="Baselines to run ('' = none).")
     p.add_argument("--variants", default=",".join(OUR_VARIANTS), help="Our variants to run ('' = none).")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="An extra fused row with overrides, e.g. 'no-moddrop:model.modality_dropout=0'.")
+                   help="An extra row of ours with config overrides, e.g. 'no-moddrop:model.modality_dropout=0' "
+                        "or 'bag-dmf:model.history_encoder=bag,train.example_mode=prefix,model.variant=dmf'.")
     p.add_argument("--trainer", choices=["ray", "local"], default="ray",
                    help="ray: Ray Train + DeepSpeed on local Ray (1 worker); local: in-process loop.")
     p.add_argument("--fast", action="store_true", help="Small grids and few epochs (smoke runs, tests).")
@@ -124,7 +125,8 @@ def run_seed(seed: int, args, frames, base_sets: list[str], chosen: dict[str, di
                   f"cohort {rows[name]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
                   f"({r['tune_seconds']:.0f}s) params {r['params']}", flush=True)
     variants = [(f"ours:{v}", [f"model.variant={v}"]) for v in args.variants.split(",") if v]
-    variants += [(f"ours:fused[{name}]", sets) for name, sets in map(parse_ablation, args.ablation)]
+    # An ablation row is the config's model (fused unless the overrides set model.variant) with overrides.
+    variants += [(f"ours:{name}", sets) for name, sets in map(parse_ablation, args.ablation)]
     for label, sets in variants:
         cfg = load_config(args.config, seeded + sets)
         print(f"  training {label} ...", flush=True)
