@@ -591,6 +591,20 @@ def _maybe_kill(hook: dict, reported_at: float) -> None:
 
 # ------------------------------------------------------------------------------------------------ driver
 
+def training_dataset(config: Config, prepared) -> tuple["ray.data.Dataset", int]:
+    """The training examples as a materialized Ray Dataset and their count; enough for every worker."""
+    from raysparse.ray_data import build_example_dataset
+
+    dataset = build_example_dataset(prepared.split, config.train.example_mode,
+                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False,
+                                    max_history=config.data.max_history)
+    n_examples = dataset.count()
+    if n_examples // config.ray.num_workers < 1:
+        raise ConfigError(f"only {n_examples} training examples for ray.num_workers={config.ray.num_workers}; "
+                          f"use fewer workers or more data.")
+    return dataset, n_examples
+
+
 def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.data.Dataset", n_examples: int,
                   ds_config: dict, test_kill: dict | None = None, validate: bool = True,
                   callbacks: list | None = None) -> "TorchTrainer":
@@ -646,7 +660,7 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     import ray
 
     from raysparse.local import validation_metrics
-    from raysparse.ray_data import build_example_dataset, prepare_for_ray
+    from raysparse.ray_data import prepare_for_ray
 
     t0 = time.perf_counter()
     config = _absolute_paths(config)
@@ -658,13 +672,7 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
 
     prepared = prepare_for_ray(config)
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
-    dataset = build_example_dataset(prepared.split, config.train.example_mode,
-                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False,
-                                    max_history=config.data.max_history)
-    n_examples = dataset.count()
-    if n_examples // config.ray.num_workers < 1:
-        raise ConfigError(f"only {n_examples} training examples for ray.num_workers={config.ray.num_workers}; "
-                          f"use fewer workers or more data.")
+    dataset, n_examples = training_dataset(config, prepared)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, ray.put(prepared), dataset, n_examples, ds_config, _test_kill_hook(config))

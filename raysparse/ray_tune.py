@@ -872,9 +872,9 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     import ray
     from ray import tune
 
-    from raysparse.ray_data import build_example_dataset, prepare_for_ray
+    from raysparse.ray_data import prepare_for_ray
     from raysparse.ray_train import (SELECT_METRIC, _absolute_paths, check_before_start, check_static,
-                                     cluster_capacity, connect, deepspeed_config)
+                                     cluster_capacity, connect, deepspeed_config, training_dataset)
 
     t0 = time.perf_counter()
     config = _absolute_paths(config)
@@ -903,13 +903,7 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     check_metric(tc, prepared.split)
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
     warm_text_cache(config, params, prepared, cache_dir, log)
-    dataset = build_example_dataset(prepared.split, config.train.example_mode,
-                                    num_blocks=max(8, 4 * config.ray.num_workers), progress_bars=False,
-                                    max_history=config.data.max_history)
-    n_examples = dataset.count()
-    if n_examples // config.ray.num_workers < 1:
-        raise ConfigError(f"only {n_examples} training examples for ray.num_workers={config.ray.num_workers}; "
-                          f"use fewer workers or more data.")
+    dataset, n_examples = training_dataset(config, prepared)
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_JSON).write_text(json.dumps(sweep, indent=2))
 
