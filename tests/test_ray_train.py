@@ -218,17 +218,6 @@ def test_one_deepspeed_process_trains_exactly_like_the_plain_loop(tmp_path, tiny
 
 # ------------------------------------------------------------------------------------------------ on Ray
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.ray
 def test_ray_data_preparation_matches_pandas_and_builds_the_same_examples(ray_instance, tmp_path, frames,

@@ -148,17 +148,6 @@ def test_trial_concurrency_fits_the_cluster(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ on Ray
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
 
 def _start_interrupted_sweep(out: Path, sets: list[str], gcs_address: str, log: Path) -> None:
     """`raysparse tune` in a subprocess on this test's Ray cluster; SIGKILLed once every trial has reported
