@@ -108,6 +108,12 @@ class ModelConfig:
     attention_dim: int = _f(64, "Token width of the history attention.")
     attention_layers: int = _f(2, "Transformer layers of the history attention.")
     attention_heads: int = _f(2, "Attention heads (must divide attention_dim).")
+    fusion: str = _f("concat", "How the user parts meet. 'concat': concatenated and projected by the fusion MLP, "
+                               "scored against item vectors of size fusion_dim. 'residual' (history attention "
+                               "only): the attention output is the user vector and the item's own token (id "
+                               "embedding + text) its vector, as in SASRec; the DMF row and the item's DMF "
+                               "column are added through projections that start at zero, so training starts "
+                               "from the sequence model and DMF adds only what it improves.")
 
     def __post_init__(self) -> None:
         _choice("model.variant", self.variant, ("fused", "dmf", "text"))
@@ -115,6 +121,10 @@ class ModelConfig:
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
         _choice("model.score", self.score, ("dot", "cosine"))
         _choice("model.history_encoder", self.history_encoder, ("bag", "attention"))
+        _choice("model.fusion", self.fusion, ("concat", "residual"))
+        if self.fusion == "residual" and self.history_encoder != "attention":
+            raise ConfigError("model.fusion='residual' adds DMF to the history attention's output, so it needs "
+                              "model.history_encoder=attention (got 'bag'); or use model.fusion=concat.")
         for name in ("attention_dim", "attention_layers", "attention_heads"):
             _positive(f"model.{name}", getattr(self, name))
         if self.attention_dim % self.attention_heads:
@@ -165,6 +175,8 @@ class TrainConfig:
                                 "item sits between the training history and the test item. 0 = next item only.")
     short_history_prob: float = _f(0.2, "Share of training examples whose history is cut to its k most recent "
                                         "items (k from data.cohort_ks): sparse users look like that at test.")
+    patience: int = _f(0, "Early stopping: end training after this many epochs without a better validation "
+                          "NDCG@10 (the best epoch is kept either way). 0 = train all `epochs`.")
     grad_accum_steps: int = _f(1, "Micro-batches per optimizer step.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping).")
     warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up; linear decay after.")
@@ -182,6 +194,7 @@ class TrainConfig:
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         _positive("train.target_gap_max", self.target_gap_max, allow_zero=True)
+        _positive("train.patience", self.patience, allow_zero=True)
         if not 0.0 <= self.short_history_prob <= 1.0:
             raise ConfigError(f"train.short_history_prob={self.short_history_prob!r} must be in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -42,12 +42,13 @@ def walk_config(tmp_path, variant: str = "dmf", text_model: str = "", example_mo
                   "short_history_prob": 0.0, "example_mode": example_mode}})
 
 
-@pytest.mark.parametrize("example_mode", ["prefix", "sequence"])
-def test_attention_learns_the_direction_of_a_walk(tmp_path, example_mode):
+@pytest.mark.parametrize("example_mode,fusion", [("prefix", "concat"), ("sequence", "concat"),
+                                                ("sequence", "residual")])
+def test_attention_learns_the_direction_of_a_walk(tmp_path, example_mode, fusion):
     """Known answer: the test item is the walk's next step (two past the training history, validation between);
     it must rank first for nearly every user, which needs the order of the last items, not just their set."""
     torch.manual_seed(0)
-    cfg = walk_config(tmp_path, example_mode=example_mode)
+    cfg = walk_config(tmp_path, example_mode=example_mode, fusion=fusion)
     _, summary = run_local(cfg, prepare_data(cfg, walks()), log=lambda s: None, save=False)
     # The recency-weighted bag (history_encoder=bag) reaches MRR ~0.92 here; attention gets every user right.
     assert summary["test"]["test/overall/mrr"] >= 0.97, summary["test"]
@@ -158,13 +159,14 @@ def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
         assert not mask[i, np.searchsorted(cand, seen)].any()
 
 
-def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path):
+@pytest.mark.parametrize("fusion", ["concat", "residual"])
+def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path, fusion):
     """One causal pass + running DMF sums give, for every prediction, the user vector that scoring the history
     it reads would give (eval mode): training on sequences trains the model that serving runs."""
     from raysparse.build import build_batches
     from raysparse.local import build_recommender
 
-    cfg = walk_config(tmp_path, example_mode="sequence").replace(**{"data.max_history": 5,
+    cfg = walk_config(tmp_path, example_mode="sequence", fusion=fusion).replace(**{"data.max_history": 5,
                                                                     "train.short_history_prob": 0.5})
     prepared = prepare_data(cfg, walks(n_users=12, length=8))
     rec = build_recommender(cfg, prepared)
@@ -174,6 +176,9 @@ def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path):
     assert (batch["window"] > 0).any() and (batch["window"] == 0).any()
     model = rec.model.eval()
     with torch.no_grad():
+        for param in model.parameters():          # residual fusion starts its DMF projections at zero:
+            if not param.abs().sum():             # give them weights, so the DMF path is compared too
+                param.normal_(std=0.1)
         got = model.sequence_users(batch)
         seq, window, length = batch["seq"], batch["window"], batch["seq"].shape[1]
         histories = []
@@ -186,12 +191,14 @@ def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, frames, tiny_encoder):
+@pytest.mark.parametrize("fusion", ["concat", "residual"])
+def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, frames, tiny_encoder, fusion):
     """Trained in sequence mode, saved, loaded: the same scores for a known user, a new user's history and a
     text-only user (one text token), and the known user's items are excluded."""
     from raysparse.recommender import Recommender
 
-    cfg = walk_config(tmp_path, variant="fused", text_model=tiny_encoder, example_mode="sequence").replace(
+    cfg = walk_config(tmp_path, variant="fused", text_model=tiny_encoder, example_mode="sequence",
+                      fusion=fusion).replace(
         **{"train.epochs": 1, "data.text_template": "{title}. {genres}", "data.max_length": 24})
     rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None, save=True)
     loaded = Recommender.load(tmp_path / "artifact")
@@ -202,3 +209,47 @@ def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, fr
     seen = set(rec.builder.split.history(int(rec.users.to_idx(["u000"])[0])).tolist())
     top = rec.recommend(user_ids=["u000"], k=10)[0]
     assert not seen & set(rec.items.to_idx([r.item_id for r in top]).tolist())
+
+
+def test_residual_fusion_starts_as_the_sequence_model(tmp_path, frames, tiny_encoder):
+    """model.fusion='residual': before training, the fused user vector is the history attention's output and an
+    item's vector is its own input token (id embedding + projected text), as in SASRec; DMF adds nothing yet."""
+    from raysparse.local import build_recommender
+
+    cfg = walk_config(tmp_path, variant="fused", text_model=tiny_encoder, fusion="residual").replace(
+        **{"data.text_template": "{title}. {genres}", "data.max_length": 24})
+    prepared = prepare_data(cfg, frames)
+    rec = build_recommender(cfg, prepared)
+    model = rec.model.eval()
+    histories = [np.array([1, 4, 2]), np.array([7])]
+    with torch.no_grad():
+        batch = rec.builder.user_inputs(histories)
+        sequence_part = model.history(batch["hist_items"], batch["hist_offsets"], batch["hist_pos"],
+                                      model.text.item_text_emb)
+        torch.testing.assert_close(model.user_vectors(batch), sequence_part)
+        items = torch.arange(prepared.split.n_items)
+        tokens = model.history.item_emb(items) + model.history.text_in(model.text.item_text_emb[items])
+        rec.refresh()
+        torch.testing.assert_close(rec.item_vectors, tokens)
+
+
+def test_residual_fusion_needs_history_attention(tmp_path):
+    with pytest.raises(ConfigError, match="model.fusion='residual'.*history_encoder=attention"):
+        walk_config(tmp_path, fusion="residual", history_encoder="bag")
+
+
+def test_epochs_since_best_counts_from_the_best_epoch():
+    from raysparse.step import SELECT_METRIC, epochs_since_best
+
+    history = [{SELECT_METRIC: v} for v in (0.10, 0.30, 0.20, 0.25)]
+    assert epochs_since_best(history, SELECT_METRIC) == 2
+    assert epochs_since_best(history[:2], SELECT_METRIC) == 0
+    assert epochs_since_best([{"loss": 1.0}], SELECT_METRIC) == 0      # no validation: never stops early
+
+
+def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_path):
+    """Known answer: at a learning rate too small to change the ranking, epoch 1 stays the best, so with
+    patience 2 training ends after epoch 3 of 30, and the kept model is epoch 1's."""
+    cfg = walk_config(tmp_path).replace(**{"train.lr": 1e-12, "train.patience": 2, "train.epochs": 30})
+    _, summary = run_local(cfg, prepare_data(cfg, walks(n_users=40)), log=lambda s: None, save=False)
+    assert len(summary["history"]) == 3 and summary["best_epoch"] == 1

@@ -37,17 +37,30 @@ class HybridRecommender(nn.Module):
             self.history = HistoryAttention(
                 n_items, cfg.attention_dim, cfg.attention_layers, cfg.attention_heads, cfg.dropout,
                 text_hidden=text_tower.hidden_size if cfg.uses_text else 0, use_item_ids=cfg.uses_dmf)
-        first_dim = cfg.attention_dim if self.history is not None else cfg.text_dim
-        user_in = (first_dim if cfg.uses_text or self.history is not None else 0) + \
-            (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
-        self.fusion = nn.Sequential(nn.Linear(user_in, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        self.residual = cfg.fusion == "residual"
         self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout)
-        self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], d)
-        self.item_text_proj = (nn.Linear(text_tower.hidden_size, d, bias=False)
-                               if cfg.uses_text and cfg.item_text else None)
-        # The history attention's item embeddings also describe items as targets (SASRec shares them too).
-        self.item_id_proj = (nn.Linear(cfg.attention_dim, d, bias=False)
-                             if self.history is not None and self.history.item_emb is not None else None)
+        if self.residual:
+            # SASRec's scoring (user = attention output, item = its own input token, tied) with DMF added on both
+            # sides through projections that start at zero: training starts from the sequence model.
+            width = cfg.attention_dim
+            self.fusion = (nn.Sequential(nn.Linear(cfg.dmf_user_layers[-1], d), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                         nn.Linear(d, width)) if cfg.uses_dmf else None)
+            self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], width)
+            for layer in ([self.fusion[-1]] if self.fusion is not None else []) + [self.item_proj]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            self.item_text_proj = self.item_id_proj = None
+        else:
+            first_dim = cfg.attention_dim if self.history is not None else cfg.text_dim
+            user_in = (first_dim if cfg.uses_text or self.history is not None else 0) + \
+                (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
+            self.fusion = nn.Sequential(nn.Linear(user_in, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+            self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], d)
+            self.item_text_proj = (nn.Linear(text_tower.hidden_size, d, bias=False)
+                                   if cfg.uses_text and cfg.item_text else None)
+            # The history attention's item embeddings also describe items as targets (SASRec shares them too).
+            self.item_id_proj = (nn.Linear(cfg.attention_dim, d, bias=False)
+                                 if self.history is not None and self.history.item_emb is not None else None)
         # One weight per recency slot of the DMF row (slot 0 = newest), exp(0) = 1 at the start.
         # (Not with history attention: there order is the attention's job, and an unweighted row lets one pass
         # over a sequence give every prefix's row as a running sum.)
@@ -83,6 +96,15 @@ class HybridRecommender(nn.Module):
         if self.gate is not None:
             scale = 2 * torch.sigmoid(self.gate(torch.log1p(counts.to(parts[0].dtype))[:, None]))  # 1 at init
             parts = [parts[0] * scale[:, :1], parts[1] * scale[:, 1:]]
+        if self.residual:
+            if len(parts) == 1:
+                return parts[0]
+            sequence, dmf = parts
+            if self.training and self.cfg.modality_dropout > 0:
+                # Drop the DMF addition for a share of examples, so the sequence part alone stays a good user.
+                keep = torch.rand(dmf.shape[0], 1, device=dmf.device) >= self.cfg.modality_dropout
+                dmf = dmf * keep.to(dmf.dtype)
+            return sequence + self.fusion(dmf)
         if self.training and self.cfg.variant == "fused" and self.cfg.modality_dropout > 0:
             parts = self._modality_dropout(parts)
         return self.fusion(torch.cat(parts, dim=1))
@@ -100,6 +122,8 @@ class HybridRecommender(nn.Module):
     # ---- item side -------------------------------------------------------------------------------------
     def _item_out(self, dmf_hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         vec = self.item_proj(dmf_hidden)
+        if self.residual:
+            return vec + self.history.tokens(items, self.text.item_text_emb if self.text is not None else None)
         if self.item_text_proj is not None:
             vec = vec + self.item_text_proj(self.text.item_text_emb[items].to(vec.dtype))
         if self.item_id_proj is not None:

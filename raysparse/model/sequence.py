@@ -97,7 +97,10 @@ class HistoryAttention(nn.Module):
         bias = -slopes[None, :, None, None] * dist.clamp(min=0).to(x.dtype)[None, None]     # (1, H, L, L)
         mask = bias.masked_fill(~allowed[:, None], float("-inf"))              # (B, H, L, L)
         mask = mask.reshape(batch * self.heads, length, length)
-        out = self.layers(self.drop(x), mask=mask)
+        # Tokens enter at sqrt(dim) times their scale, as in the Transformer and SASRec: beside the layers'
+        # additions the newest item's own embedding stays prominent in the output (the next item is most often
+        # like the last one). At unit scale it was drowned: the id path learned several times slower.
+        out = self.layers(self.drop(x * self.dim ** 0.5), mask=mask)
         return self.norm(out)
 
     def forward_sequence(self, seq: torch.Tensor, item_text_emb: torch.Tensor | None,
