@@ -15,9 +15,8 @@ from raysparse.build import Prepared, build_batches, build_model, prepare_data
 from raysparse.config import Config
 from raysparse.metrics import evaluate, flatten
 from raysparse.recommender import Recommender
-from raysparse.step import train_local
+from raysparse.step import SELECT_METRIC, train_local
 
-SELECT_METRIC = "val/overall/ndcg@10"
 
 
 def item_table(prepared: Prepared) -> pd.DataFrame:

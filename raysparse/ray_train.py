@@ -56,12 +56,12 @@ from raysparse.config import Config, config_from_dict
 from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
 from raysparse.recommender import Recommender
+from raysparse.step import SELECT_METRIC, epochs_since_best
 
 if TYPE_CHECKING:
     import ray
     from ray.train.torch import TorchTrainer
 
-SELECT_METRIC = "val/overall/ndcg@10"
 RUN_NAME = "train"
 TEST_KILL_ENV = "RAYSPARSE_TEST_KILL_AFTER_EPOCH"  # test hook: rank 1 (or 0) SIGKILLs itself once, next epoch
 LOG_DIR = "logs"
@@ -553,6 +553,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         reported_at = time.monotonic()
+        # Every rank holds the same all-reduced validation record, so all of them stop at the same epoch.
+        if tc.patience and epochs_since_best(history, SELECT_METRIC) >= tc.patience:
+            say(f"early stop after epoch {epoch + 1}: no better {SELECT_METRIC} for {tc.patience} epochs")
+            break
     if log is not None:
         log.close()
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from raysparse.config import Config, TrainConfig
 
+SELECT_METRIC = "val/overall/ndcg@10"  # what picks the best epoch, checkpoint and Tune trial
+
 
 def compute_loss(out: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     """Mean loss over the batch from model outputs pos (B,), cand (B, M), neg_mask (B, M).
@@ -63,6 +65,14 @@ def warmup_decay(total_steps: int, warmup_ratio: float) -> Callable[[int], float
     return factor
 
 
+def epochs_since_best(history: list[dict], metric: str) -> int:
+    """Epochs since the best value of `metric` (higher is better) in per-epoch records; 0 if the last is best."""
+    values = [record[metric] for record in history if metric in record]
+    if not values:
+        return 0
+    return len(values) - 1 - int(np.argmax(values))
+
+
 def steps_per_epoch(n_examples: int, cfg: TrainConfig, num_workers: int = 1) -> int:
     steps = math.ceil(n_examples / (cfg.batch_size_per_worker * num_workers))
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
@@ -101,4 +111,6 @@ def train_local(config: Config, prepared, model: nn.Module, builder, log: Callab
             record.update(evaluate_fn(model, epoch + 1))
         history.append(record)
         log(record)
+        if tc.patience and epochs_since_best(history, SELECT_METRIC) >= tc.patience:
+            break
     return history

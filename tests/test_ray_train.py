@@ -341,13 +341,17 @@ def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp
 def test_sequence_training_on_two_workers_validates_like_one_process(ray_instance, tmp_path, tiny_encoder,
                                                                      dataset_dir):
     """History attention trained SASRec-style (example_mode=sequence) through Ray Data + Ray Train + DeepSpeed:
-    the workers split the windows, and the distributed validation equals the single-process one."""
+    the workers split the windows, and the distributed validation equals the single-process one. Early
+    stopping: at a learning rate too small to change the ranking, epoch 1 stays best, so patience 1 ends both
+    workers after epoch 2 of 5."""
     from raysparse.ray_train import run_ray_training
 
-    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=1", "train.epochs=1",
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=1", "train.epochs=5",
+                      "train.patience=1", "train.lr=1e-12", "model.fusion=residual",
                       "model.finetune=frozen", "model.history_encoder=attention", "model.attention_dim=16",
                       "train.example_mode=sequence", "train.negatives_per_positive=0", "train.batch_size_per_worker=8")
     summary = run_ray_training(cfg)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
     record = summary["history"][0]
     windows = sum(len(range(n - 1, 0, -cfg.data.max_history)) for n in _lengths(cfg))
     assert record["steps"] == min(math.ceil((windows // 2) / 8), cfg.train.max_steps_per_epoch)   # half each
