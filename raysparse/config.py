@@ -88,7 +88,9 @@ class ModelConfig:
     text_dim: int = _f(128, "Size of the projected text user vector.")
     dmf_user_layers: list = _f([256, 128], "Widths of the DMF user MLP (first = sparse EmbeddingBag layer).")
     dmf_item_layers: list = _f([256, 128], "Widths of the DMF item MLP (first = sparse EmbeddingBag layer).")
-    fusion_dim: int = _f(128, "Size of the fused user vector and of the item vector.")
+    fusion_dim: int = _f(128, "Size of the fused user vector and of the item vector (fusion='concat'); the "
+                              "hidden width of the DMF projection (fusion='residual', where vectors have "
+                              "attention_dim entries).")
     item_text: bool = _f(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
                                "seen items borrow from their text.")
     score: str = _f("dot", "'dot' or 'cosine' between user and item vectors.")
