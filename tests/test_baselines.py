@@ -159,6 +159,16 @@ def test_sasrec_position_sees_only_earlier_items():
     assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
+def test_sasrec_with_next_but_one_targets_finds_the_test_item_of_a_cycle():
+    """skip_targets: each position also predicts the item two ahead. On a cycle ending at x the validation item
+    is x+1 and the test item x+2 (validation item excluded at test), so x+2 must rank first at test. Shifted the
+    wrong way, the extra target would be the position's own item (seen, so excluded), and x+2 would get nothing."""
+    split = _cycle_split()
+    model = SASRec(hidden_size=32, num_layers=1, dropout=0.1, epochs=40, batch_size=32, lr=1e-2, seed=0,
+                   num_threads=1, skip_targets=True).fit(split)
+    assert evaluate(model.score, split, "test", ks=(1,), sampled=False)["overall"]["hr@1"] >= 0.9
+
+
 def test_sasrec_learns_a_planted_cycle():
     split = _cycle_split()
     model = SASRec(hidden_size=32, num_layers=1, dropout=0.1, epochs=40, batch_size=32, lr=1e-2, seed=0,

@@ -456,8 +456,12 @@ class SASRec:
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 1, dropout: float = 0.2,
                  max_len: int = 50, epochs: int = 200, batch_size: int = 128, lr: float = 3e-3,
-                 weight_decay: float = 0.0, patience: int = 3, seed: int = 0, num_threads: int = 2):
+                 weight_decay: float = 0.0, patience: int = 3, seed: int = 0, num_threads: int = 2,
+                 skip_targets: bool = False):
         self.hidden_size = hidden_size
+        # Also predict the item after next from each prefix (as our model trains with train.target_gap_max=1):
+        # under the last-item protocol the test item sits two past the training history.
+        self.skip_targets = skip_targets
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.dropout = dropout
@@ -496,6 +500,10 @@ class SASRec:
             for batch in torch.randperm(len(inputs), generator=order_rng).split(self.batch_size):
                 seq, tgt = inputs[batch], targets[batch]
                 hidden = self.net(seq)                       # (B, L, H)
+                if self.skip_targets:                        # position t also predicts the item at t + 2
+                    skip = torch.zeros_like(tgt)
+                    skip[:, :-1] = tgt[:, 1:]
+                    hidden, tgt = torch.cat([hidden, hidden], 1), torch.cat([tgt, skip], 1)
                 real = tgt > 0                               # positions with a next item to predict
                 logits = self.net.logits(hidden[real])       # (N, I): full softmax over the catalogue
                 loss = F.cross_entropy(logits, tgt[real] - 1)
