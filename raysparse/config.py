@@ -115,7 +115,8 @@ class ModelConfig:
                                "only): the attention output is the user vector and the item's own token (id "
                                "embedding + text) its vector, as in SASRec; the DMF row and the item's DMF "
                                "column are added through projections that start at zero, so training starts "
-                               "from the sequence model and DMF adds only what it improves.")
+                               "from the sequence model and DMF adds only what it improves. (item_text does not "
+                               "apply: an item's token already carries its text.)")
 
     def __post_init__(self) -> None:
         _choice("model.variant", self.variant, ("fused", "dmf", "text"))

@@ -18,7 +18,6 @@ from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, train_local
 
 
-
 def item_table(prepared: Prepared) -> pd.DataFrame:
     table = prepared.items.copy()
     table["text"] = prepared.item_texts

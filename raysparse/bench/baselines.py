@@ -459,9 +459,6 @@ class SASRec:
                  weight_decay: float = 0.0, patience: int = 3, seed: int = 0, num_threads: int = 2,
                  skip_targets: bool = False):
         self.hidden_size = hidden_size
-        # Also predict the item after next from each prefix (as our model trains with train.target_gap_max=1):
-        # under the last-item protocol the test item sits two past the training history.
-        self.skip_targets = skip_targets
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.dropout = dropout
@@ -473,6 +470,9 @@ class SASRec:
         self.patience = patience
         self.seed = seed
         self.num_threads = num_threads
+        # Also predict the item after next from each prefix (as our model trains with train.target_gap_max=1):
+        # under the last-item protocol the test item sits two past the training history.
+        self.skip_targets = skip_targets
         self.net: SASRecNet | None = None
         self.history: list[dict] = []  # per epoch: loss, val ndcg@10, seconds
         self._split: Split | None = None

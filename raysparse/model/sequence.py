@@ -97,9 +97,10 @@ class HistoryAttention(nn.Module):
         bias = -slopes[None, :, None, None] * dist.clamp(min=0).to(x.dtype)[None, None]     # (1, H, L, L)
         mask = bias.masked_fill(~allowed[:, None], float("-inf"))              # (B, H, L, L)
         mask = mask.reshape(batch * self.heads, length, length)
-        # Tokens enter at sqrt(dim) times their scale, as in the Transformer and SASRec: beside the layers'
-        # additions the newest item's own embedding stays prominent in the output (the next item is most often
-        # like the last one). At unit scale it was drowned: the id path learned several times slower.
+        # Tokens enter at sqrt(dim) times their scale, as in the Transformer and SASRec, so that beside the
+        # layers' additions the newest item's own embedding stays prominent in the output (the next item is
+        # most often like the last one). Seed-0 validation NDCG@10 at epoch 11, residual fusion: 0.0457 with
+        # the scale, 0.0400 without (docs/ACCURACY.md).
         out = self.layers(self.drop(x * self.dim ** 0.5), mask=mask)
         return self.norm(out)
 
