@@ -96,7 +96,8 @@ class ModelConfig:
     score: str = _f("dot", "'dot' or 'cosine' between user and item vectors.")
     temperature: float = _f(0.1, "Softmax temperature for cosine scores (ignored for dot).")
     modality_dropout: float = _f(0.1, "Probability, per training example, of dropping the DMF row (fused only), "
-                                      "so the text path learns to stand alone for very sparse users.")
+                                      "so the text path learns to stand alone for very sparse users. With "
+                                      "fusion='residual' it drops the DMF addition, in 'fused' and 'dmf' alike.")
     dropout: float = _f(0.1, "Dropout inside the MLPs.")
     recency: bool = _f(True, "Learn a weight per recency slot (newest first) for the DMF row, so the row "
                              "encodes order as well as membership: the next item follows the latest ones.")

@@ -4,6 +4,10 @@ Variants differ in the user side: 'fused' uses both towers, 'dmf' only the inter
 DMF), 'text' only the history text. The item side is always the DMF item tower over the item's column,
 plus the item's cached text embedding when the variant reads text (ModelConfig.item_text).
 
+With history attention and fusion='residual' the head is SASRec's instead: the user vector is the attention
+output, an item's vector its own input token (id embedding + projected text), and the DMF row and column are
+added through zero-initialised projections (ModelConfig.fusion).
+
 Batches are dicts of tensors built by raysparse.data.examples (names and shapes documented there).
 """
 
