@@ -106,6 +106,35 @@ def test_softmax_loss_is_cross_entropy_over_the_target_and_its_valid_negatives()
         expected.append(torch.nn.functional.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long)))
     got = compute_loss({"pos": pos, "cand": cand, "neg_mask": mask}, "softmax")
     torch.testing.assert_close(got, torch.stack(expected).mean())
+    # Targets sharing a row of logits (a sequence position's next item and the one after it): each is
+    # scored against its own row's negatives.
+    rows = torch.tensor([1, 1, 3, 4, 2, 2, 2])
+    pos7 = torch.randn(7)
+    expected = [torch.nn.functional.cross_entropy(torch.cat([pos7[i:i + 1], cand[r][mask[r]]])[None],
+                                                  torch.zeros(1, dtype=torch.long)) for i, r in enumerate(rows)]
+    got = compute_loss({"pos": pos7, "cand": cand, "neg_mask": mask, "target_row": rows}, "softmax")
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+
+
+def test_masked_logsumexp_matches_autograd_in_value_and_gradient():
+    """The chunked logsumexp behind the softmax loss equals the plain masked one, gradient included, over
+    more rows than one chunk; a row with nothing masked in gives -inf and no gradient."""
+    from raysparse.step import MaskedLogSumExp
+
+    torch.manual_seed(0)
+    logits = torch.randn(MaskedLogSumExp.CHUNK_ROWS * 2 + 5, 11, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(logits.shape) > 0.3
+    mask[3] = False
+    weights = torch.randn(logits.shape[0], dtype=torch.float64)
+    got = MaskedLogSumExp.apply(logits, mask)
+    assert got[3] == float("-inf")
+    (got[mask.any(1)] * weights[mask.any(1)]).sum().backward()
+    grad, logits.grad = logits.grad, None
+    reference = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), 1)
+    torch.testing.assert_close(got, reference.detach())
+    (reference[mask.any(1)] * weights[mask.any(1)]).sum().backward()
+    torch.testing.assert_close(grad, logits.grad)
+    assert not grad[3].any() and not grad[~mask].any()
 
 
 def test_each_position_equals_the_model_run_on_its_prefix_alone(encoder):
@@ -148,12 +177,22 @@ def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
     item_index = {raw: i for i, raw in enumerate(prepared.log.items.raw_ids)}
     number = {i: int(raw[1:]) for raw, i in item_index.items()}
     cand = batch["cand_items"].numpy()
-    for row, col, tpos in zip(batch["pred_row"].tolist(), batch["pred_col"].tolist(), batch["target_pos"].tolist()):
+    pred_row, pred_col = batch["pred_row"].tolist(), batch["pred_col"].tolist()
+    steps = []
+    for position, tpos in zip(batch["target_row"].tolist(), batch["target_pos"].tolist()):
+        row, col = pred_row[position], pred_col[position]
         target = int(cand[tpos])
         assert target not in seq[row, :col + 1]             # what the position reads is a subset of this
         step = (number[target] - number[int(seq[row, col])]) % 24
         assert step in (1, 2, 22, 23), (row, col, step)
+        steps.append(step in (1, 23))
+    # every input position is scored once and predicts its next item; all but the window's last predict
+    # the item after it too
+    assert sorted(zip(pred_row, pred_col)) == sorted(set(zip(pred_row, pred_col)))
+    assert sum(steps) == len(pred_row) == int((seq >= 0).sum())
+    assert len(steps) - sum(steps) == len(pred_row) - len(users)
     mask = batch["neg_mask"].numpy()
+    assert mask.shape == (len(pred_row), len(cand))
     for i, row in enumerate(batch["pred_row"].tolist()):
         seen = prepared.split.history(int(batch["user_idx"][row]))
         assert not mask[i, np.searchsorted(cand, seen)].any()

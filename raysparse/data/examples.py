@@ -13,6 +13,11 @@ Batch dict (B examples, N history entries, M candidate items, K column entries):
   target_col_weight (B,)    weight of (user, target) in the target's column, removed before scoring
   neg_mask (B, M)           True where the candidate is a negative (sampled, or every item when
                             negatives <= 0) that the user has never seen
+
+Sequence batches (example_mode='sequence') score S input positions (pred_row / pred_col) against the
+candidates and have N >= S targets: a position predicts the next item and the one after it, so
+target_pos / target_col_weight / target_row are (N,), with target_row naming the position each target is
+scored from, and neg_mask is (S, M), one row per position.
 """
 
 from __future__ import annotations
@@ -134,10 +139,12 @@ class BatchBuilder:
                 "col_offsets": torch.from_numpy(cols.indptr[:-1].astype(np.int64)),
                 "col_weights": torch.from_numpy(cols.data.astype(np.float32))}
 
-    def _candidates(self, users: np.ndarray, targets: np.ndarray, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidate items (M,) = targets + shared uniform negatives; each target's index in them (B,); and
-        neg_mask (B, M): the candidate is a sampled negative that this row's user has never seen."""
+    def _candidates(self, users: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
+                    row_targets: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate items (M,) = targets (N,) + shared uniform negatives; each target's index in them (N,);
+        and neg_mask (len(users), M): the candidate is a sampled negative that the row's user has never seen
+        and, with row_targets (users and targets aligned), not the row's own target. Sequence batches pass
+        one user per scoring position and row_targets=False: their targets are among that user's seen items."""
         if self.negatives <= 0 or self.negatives >= self.split.n_items:
             # Full softmax: every item is a candidate (what SASRec trains with); affordable for catalogues
             # of tens of thousands of items since item vectors are one EmbeddingBag pass.
@@ -152,7 +159,9 @@ class BatchBuilder:
         unique_users, row_of = np.unique(users, return_inverse=True)
         rows = self.seen[unique_users]
         seen = (rows if len(cand) == self.split.n_items else rows[:, cand]).toarray() != 0
-        neg_mask = is_sampled[None, :] & ~seen[row_of] & (cand[None, :] != targets[:, None])
+        neg_mask = is_sampled[None, :] & ~seen[row_of]
+        if row_targets:
+            neg_mask &= cand[None, :] != targets[:, None]
         return cand, target_pos, neg_mask
 
     def collate(self, users: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray],
@@ -176,8 +185,10 @@ class BatchBuilder:
 
         A window ends at item `end` of the user's sequence and holds up to max_history + 1 items w; the inputs
         w[:-1] sit right-aligned in seq (B, max_history), PAD-filled on the left. Each input position t
-        predicts w[t + 1] (the next item) and, with target_gap_max >= 1, w[t + 2] (one further: at test time
-        the validation item sits between the history and the test item). With short_history_prob, a row is
+        (pred_row, pred_col) predicts w[t + 1] (the next item) and, with target_gap_max >= 1, w[t + 2] (one
+        further: at test time the validation item sits between the history and the test item). A position's
+        user vector and its logits over the candidates serve all its targets (target_row), so the costly
+        (positions x candidates) logits are computed once, not once per target. With short_history_prob, a row is
         read as blocks of k items (window = k, k from data.cohort_ks), each position seeing 1..k recent items
         of its block: sparse users at test time.
         Negatives are shared as in `collate`; an item the user has seen is never a negative.
@@ -188,7 +199,8 @@ class BatchBuilder:
         n, length = len(users), self.max_history
         seq = np.full((n, length), PAD, np.int64)
         seq_weights = np.zeros((n, length), np.float32)
-        rows, cols, targets = [], [], []
+        rows, cols, target_rows, targets = [], [], [], []
+        n_positions = 0
         for b, (u, end) in enumerate(zip(users.tolist(), np.asarray(ends).tolist())):
             lo = self.split.train_indptr[u]
             start = max(0, end - length)
@@ -196,26 +208,30 @@ class BatchBuilder:
             m = len(items) - 1                                  # inputs in this window
             seq[b, length - m:] = items[:-1]
             seq_weights[b, length - m:] = self.split.train_weights[lo + start: lo + end]
+            rows.append(np.full(m, b))
+            cols.append(np.arange(length - m, length))
             for gap in range(self.target_gap_max + 1):
-                t = np.arange(length - m, length - gap)           # input positions with a target gap+1 ahead
-                rows.append(np.full(len(t), b))
-                cols.append(t)
+                # positions with a target gap + 1 ahead: the first m - gap of this window's m positions
+                target_rows.append(n_positions + np.arange(max(m - gap, 0)))
                 targets.append(items[1 + gap:])
+            n_positions += m
         window = np.zeros(n, np.int64)
         if self.short_history_prob > 0:
             short = rng.random(n) < self.short_history_prob
             window[short] = rng.choice(np.asarray(self.short_history_ks, np.int64), size=int(short.sum()))
         pred_row = np.concatenate(rows).astype(np.int64)
         pred_col = np.concatenate(cols).astype(np.int64)
+        target_row = np.concatenate(target_rows).astype(np.int64)
         pred_target = np.concatenate(targets).astype(np.int64)
-        pred_user = users[pred_row]
-        cand, target_pos, neg_mask = self._candidates(pred_user, pred_target, rng)
+        target_user = users[pred_row[target_row]]
+        # One mask row per position: its user's seen items, which include all of that position's targets.
+        cand, target_pos, neg_mask = self._candidates(users[pred_row], pred_target, rng, row_targets=False)
         batch = {"seq": torch.from_numpy(seq), "seq_weights": torch.from_numpy(seq_weights),
                  "window": torch.from_numpy(window), "user_idx": torch.from_numpy(users),
                  "pred_row": torch.from_numpy(pred_row), "pred_col": torch.from_numpy(pred_col),
-                 "target_pos": torch.from_numpy(target_pos),
+                 "target_row": torch.from_numpy(target_row), "target_pos": torch.from_numpy(target_pos),
                  "target_col_weight": torch.from_numpy(
-                     np.asarray(self.seen[pred_user, pred_target]).ravel().astype(np.float32)),
+                     np.asarray(self.seen[target_user, pred_target]).ravel().astype(np.float32)),
                  "neg_mask": torch.from_numpy(neg_mask)}
         batch.update(self.item_bags(cand))
         return batch
