@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
+from raysparse.errors import UserError
 
 ACCURACY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accuracy.yaml"
 BASELINE_NAMES = ["popularity", "ease", "ials", "text", "ease_text", "sasrec"]
@@ -48,25 +49,45 @@ def register_bench(subparsers) -> None:
                         "or 'bag-dmf:model.history_encoder=bag,train.example_mode=prefix,model.variant=dmf'.")
     p.add_argument("--trainer", choices=["ray", "local"], default="ray",
                    help="ray: Ray Train + DeepSpeed on local Ray (1 worker); local: in-process loop.")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Fits run side by side in this many processes, each with cores // jobs torch threads "
+                        "(--trainer local only). One seed's baselines are one fit, each of our rows per seed "
+                        "another.")
     p.add_argument("--fast", action="store_true", help="Small grids and few epochs (smoke runs, tests).")
     p.add_argument("--out", default="runs/accuracy", help="Where the table, JSON and chart go.")
     p.set_defaults(func=run)
 
 
 # ---- running ------------------------------------------------------------------------------------------------
-def train_ours(config, prepared, trainer: str) -> dict:
-    """Train one of our variants; returns {'val','test' (flat metrics), 'seconds', 'best_epoch'}."""
+def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
+    """Train one of our variants; returns {'val','test' (flat metrics), 'seconds', 'best_epoch', 'test_ranks'
+    (the full-ranking rank of each evaluated user's test item, for paired comparisons)}."""
     t0 = time.perf_counter()
-    if trainer == "ray":
-        from raysparse.ray_train import run_ray_training
 
-        summary = run_ray_training(config, log=lambda m: print(f"    {m}", flush=True))
+    def log(message: str) -> None:
+        print(f"    {prefix}{message}", flush=True)
+
+    if trainer == "ray":
+        from raysparse.build import build_batches
+        from raysparse.ray_train import run_ray_training
+        from raysparse.recommender import Recommender
+
+        summary = run_ray_training(config, log=log)
+        rec = Recommender.load(Path(config.output) / "artifact")
+        rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
     else:
         from raysparse.local import run_local
 
-        _, summary = run_local(config, prepared, log=lambda m: print(f"    {m}", flush=True), save=False)
+        rec, summary = run_local(config, prepared, log=log, save=False)
+    from raysparse.metrics import full_ranks
+
+    seconds = time.perf_counter() - t0
+    rec.refresh()
+    users = prepared.split.evaluated_users
+    ranks = full_ranks(rec.score_users, prepared.split, users, "test")
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
-            "seconds": time.perf_counter() - t0}
+            "seconds": seconds, "test_ranks": ranks.tolist(),
+            "test_cohort_k": prepared.split.cohort_k[users].tolist()}
 
 
 def item_text_embeddings(config, prepared) -> np.ndarray:
@@ -80,8 +101,6 @@ def item_text_embeddings(config, prepared) -> np.ndarray:
 
 
 def parse_ablation(text: str) -> tuple[str, list[str]]:
-    from raysparse.errors import UserError
-
     if ":" not in text or "=" not in text:
         raise UserError(f"--ablation {text!r} must look like NAME:KEY=VALUE[,KEY=VALUE], "
                         f"e.g. no-moddrop:model.modality_dropout=0")
@@ -89,52 +108,137 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
-def run_seed(seed: int, args, frames, base_sets: list[str], chosen: dict[str, dict]) -> dict:
-    """One seed: every baseline and variant. `chosen` holds the baselines' hyper-parameters picked on the first
-    seed's validation split; later seeds reuse them (one-point grids) to keep SASRec's grid within budget."""
-    from raysparse.bench.baselines import run_baselines
-    from raysparse.build import prepare_data
+def seed_config(args, seed: int, sets: list[str] = ()):
+    """Our config for one seed: the cohort draw and training seed, plus --set and the row's overrides."""
     from raysparse.config import load_config
-    from raysparse.metrics import flatten
 
-    seeded = base_sets + [f"data.split_seed={seed}", f"train.seed={seed}", f"output={args.out}/seed{seed}"]
+    seeded = list(args.sets) + [f"data.split_seed={seed}", f"train.seed={seed}", f"output={args.out}/seed{seed}"]
     if args.fast:
         seeded += ["train.epochs=1", "train.max_steps_per_epoch=20"]
-    config = load_config(args.config, seeded)
-    prepared = prepare_data(config, frames)
+    return load_config(args.config, seeded + list(sets))
+
+
+_PREPARED: dict[tuple, tuple] = {}
+
+
+def prepared_seed(args, seed: int):
+    """(config, prepared data) of a seed, built once per process (every row of a seed reads the same split)."""
+    from raysparse.build import prepare_data
+
+    key = (args.data, args.format, seed)
+    if key not in _PREPARED:
+        config = seed_config(args, seed)
+        _PREPARED[key] = (config, prepare_data(config, load_frames(config.data.path)))
+    return _PREPARED[key]
+
+
+def baseline_rows(args, seed: int, chosen: dict[str, dict]) -> tuple[dict, dict]:
+    """Every baseline on one seed. `chosen` holds the baselines' hyper-parameters picked on the first seed's
+    validation split ({} on the first seed); later seeds reuse them (one-point grids) to keep SASRec's grid
+    within budget. Returns (rows, the hyper-parameters chosen here)."""
+    from raysparse.bench.baselines import run_baselines
+    from raysparse.metrics import flatten
+
+    config, prepared = prepared_seed(args, seed)
     print(f"seed {seed}: {json.dumps(prepared.split.stats)}", flush=True)
-    rows: dict[str, dict] = {}
     names = [n for n in args.baselines.split(",") if n]
-    if names:
-        emb = item_text_embeddings(config, prepared) if {"text", "ease_text"} & set(names) else None
-        t0 = time.perf_counter()
-        # ease_text takes lam from this seed's EASE row (itself fixed), so only beta is carried over.
-        fixed = {n: {k: [v] for k, v in p.items() if not (n == "ease_text" and k == "lam")}
-                 for n, p in chosen.items() if n not in ("popularity", "text")}
-        if "sasrec" not in chosen and not args.fast:
-            fixed["sasrec"] = SASREC_BENCH_GRID
-        results = run_baselines(prepared.split, emb, names, seed=seed, fast=args.fast, num_threads=1,
-                                grids=fixed or None)
-        for name, r in results.items():
-            chosen.setdefault(name, dict(r["params"]))
-        for name, r in results.items():
-            rows[name] = {"val": flatten(r["val"], "val/"), "test": flatten(r["test"], "test/"),
-                          "params": r["params"], "seconds": r["tune_seconds"] + 0.0,
-                          "fit_seconds": r["fit_seconds"]}
-            print(f"  {name}: test ndcg@10 {rows[name]['test']['test/overall/ndcg@10']:.4f} "
-                  f"cohort {rows[name]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
-                  f"({r['tune_seconds']:.0f}s) params {r['params']}", flush=True)
-    variants = [(f"ours:{v}", [f"model.variant={v}"]) for v in args.variants.split(",") if v]
+    emb = item_text_embeddings(config, prepared) if {"text", "ease_text"} & set(names) else None
+    # ease_text takes lam from this seed's EASE row (itself fixed), so only beta is carried over.
+    fixed = {n: {k: [v] for k, v in p.items() if not (n == "ease_text" and k == "lam")}
+             for n, p in chosen.items() if n not in ("popularity", "text")}
+    if "sasrec" not in chosen and not args.fast:
+        fixed["sasrec"] = SASREC_BENCH_GRID
+    results = run_baselines(prepared.split, emb, names, seed=seed, fast=args.fast, num_threads=1,
+                            grids=fixed or None)
+    rows = {}
+    for name, r in results.items():
+        rows[name] = {"val": flatten(r["val"], "val/"), "test": flatten(r["test"], "test/"),
+                      "params": r["params"], "seconds": r["tune_seconds"] + 0.0, "fit_seconds": r["fit_seconds"],
+                      "test_ranks": r["test_ranks"].tolist()}
+        print(f"  seed {seed} {name}: test ndcg@10 {rows[name]['test']['test/overall/ndcg@10']:.4f} "
+              f"cohort {rows[name]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
+              f"({r['tune_seconds']:.0f}s) params {r['params']}", flush=True)
+    return rows, {name: dict(r["params"]) for name, r in results.items()}
+
+
+def our_row(args, seed: int, label: str, sets: list[str]) -> dict:
+    """One of our rows on one seed: configs/accuracy.yaml (or --config) with the row's overrides."""
+    _, prepared = prepared_seed(args, seed)
+    print(f"  seed {seed}: training {label} ...", flush=True)
+    row = train_ours(seed_config(args, seed, sets), prepared, args.trainer, prefix=f"[seed {seed} {label}] ")
+    print(f"  seed {seed} {label}: test ndcg@10 {row['test']['test/overall/ndcg@10']:.4f} "
+          f"cohort {row['test'].get('test/cohort/ndcg@10', float('nan')):.4f} ({row['seconds']:.0f}s)", flush=True)
+    return row
+
+
+def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
+    rows = [(f"ours:{v}", [f"model.variant={v}"]) for v in args.variants.split(",") if v]
     # An ablation row is the config's model (fused unless the overrides set model.variant) with overrides.
-    variants += [(f"ours:{name}", sets) for name, sets in map(parse_ablation, args.ablation)]
-    for label, sets in variants:
-        cfg = load_config(args.config, seeded + sets)
-        print(f"  training {label} ...", flush=True)
-        rows[label] = train_ours(cfg, prepared, args.trainer)
-        print(f"  {label}: test ndcg@10 {rows[label]['test']['test/overall/ndcg@10']:.4f} "
-              f"cohort {rows[label]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
-              f"({rows[label]['seconds']:.0f}s)", flush=True)
-    return rows
+    return rows + [(f"ours:{name}", sets) for name, sets in map(parse_ablation, args.ablation)]
+
+
+def _job(kind: str, args, seed: int, payload, threads: int):
+    """One unit of work in a pool process: a seed's baselines, or one of our rows."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if kind == "baselines":
+        return baseline_rows(args, seed, payload)
+    label, sets = payload
+    return {label: our_row(args, seed, label, sets)}
+
+
+def run_all(args) -> list[dict]:
+    """Rows of every seed: {row: {'val', 'test', 'seconds', ...}} per seed, baselines first in each.
+
+    With --jobs N > 1 the fits run side by side in N processes of cores // N torch threads each (a seed's
+    baselines are one job; each of our rows on each seed is one). The first seed's baselines go first: the
+    later seeds reuse the hyper-parameters it chooses."""
+    seeds = list(range(args.seeds))
+    names = [n for n in args.baselines.split(",") if n]
+    ours = our_rows_wanted(args)
+    per_seed: list[dict] = [{} for _ in seeds]
+    if args.jobs <= 1:
+        chosen: dict[str, dict] = {}
+        for seed in seeds:
+            if names:
+                rows, picked = baseline_rows(args, seed, chosen)
+                per_seed[seed].update(rows)
+                for name, params in picked.items():
+                    chosen.setdefault(name, params)
+            for label, sets in ours:
+                per_seed[seed][label] = our_row(args, seed, label, sets)
+        return per_seed
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    results: dict = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {}
+        if names:
+            pending[pool.submit(_job, "baselines", args, 0, {}, threads)] = ("baselines", 0)
+        for seed in seeds:
+            for label, sets in ours:
+                pending[pool.submit(_job, "ours", args, seed, (label, sets), threads)] = (label, seed)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, seed = pending.pop(future)
+                result = future.result()
+                if kind == "baselines":
+                    result, picked = result
+                    if seed == 0:
+                        for later in seeds[1:]:
+                            pending[pool.submit(_job, "baselines", args, later, picked, threads)] = \
+                                ("baselines", later)
+                results[(kind, seed)] = result
+    for seed in seeds:                                  # the table's row order: baselines, then ours
+        per_seed[seed].update(results.get(("baselines", seed), {}))
+        for label, _ in ours:
+            per_seed[seed].update(results[(label, seed)])
+    return per_seed
 
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict]:
@@ -167,8 +271,42 @@ def markdown_table(agg: dict[str, dict], metric: str = "ndcg@10", stage: str = "
     return "\n".join(lines)
 
 
-def goal_lines(agg: dict[str, dict]) -> list[str]:
-    """The issue's goals, stated against the best baseline on the test split (means over seeds)."""
+def user_ndcg(ranks, k: int = 10) -> np.ndarray:
+    ranks = np.asarray(ranks, np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def paired_bootstrap(per_seed: list[dict], ours: str, other: str, group: str, draws: int = 2000,
+                     seed: int = 0) -> dict[str, float] | None:
+    """Per-user test NDCG@10 of `ours` against `other` on the same users, pooled over seeds: the ratio of the
+    means and the mean difference, each with a 95% interval from resampling users within each seed (the seeds'
+    cohort draws kept). Says whether a gap in the table is larger than the noise of a few hundred users.
+    None when a row lacks per-user ranks (older JSON)."""
+    rng = np.random.default_rng(seed)
+    ours_sum, other_sum, count = np.zeros(draws), np.zeros(draws), 0
+    point_ours = point_other = 0.0
+    for rows in per_seed:
+        if "test_ranks" not in rows.get(ours, {}) or "test_ranks" not in rows.get(other, {}):
+            return None
+        k = np.asarray(rows[ours]["test_cohort_k"])
+        members = {"overall": np.ones(len(k), bool), "warm": k == 0, "cohort": k > 0}[group]
+        a = user_ndcg(rows[ours]["test_ranks"])[members]
+        b = user_ndcg(rows[other]["test_ranks"])[members]
+        pick = rng.integers(0, len(a), size=(draws, len(a)))
+        ours_sum += a[pick].sum(1)
+        other_sum += b[pick].sum(1)
+        point_ours, point_other, count = point_ours + a.sum(), point_other + b.sum(), count + len(a)
+    ratio = ours_sum / np.maximum(other_sum, 1e-12)
+    diff = (ours_sum - other_sum) / count
+    return {"ratio": point_ours / max(point_other, 1e-12), "ratio_lo": float(np.percentile(ratio, 2.5)),
+            "ratio_hi": float(np.percentile(ratio, 97.5)), "diff": (point_ours - point_other) / count,
+            "diff_lo": float(np.percentile(diff, 2.5)), "diff_hi": float(np.percentile(diff, 97.5)),
+            "users": count}
+
+
+def goal_lines(agg: dict[str, dict], per_seed: list[dict] | None = None) -> list[str]:
+    """The issue's goals, stated against the best baseline on the test split (means over seeds), each with the
+    paired 95% interval of the ratio when per-user ranks are at hand."""
     baselines = {r: m for r, m in agg.items() if not r.startswith("ours:")}
     fused = agg.get("ours:fused")
     if not baselines or fused is None:
@@ -181,13 +319,26 @@ def goal_lines(agg: dict[str, dict]) -> list[str]:
         ratio = ours / base if base else float("inf")
         verdict = "MET" if ratio >= need else "NOT MET"
         lines.append(f"- {group}: fused NDCG@10 {ours:.4f} vs best baseline {ROW_LABELS.get(best_row, best_row)} "
-                     f"{base:.4f} = {ratio:.2f}x (goal >= {need:.2f}x): {verdict}")
+                     f"{base:.4f} = {ratio:.2f}x (goal >= {need:.2f}x): {verdict}"
+                     + _interval_text(per_seed, best_row, group, need))
     if "sasrec" in baselines:
         for group in ("cohort", "overall"):
             key = f"test/{group}/ndcg@10"
             s, f = baselines["sasrec"][key][0], fused[key][0]
-            lines.append(f"- {group} vs SASRec: fused {f:.4f} vs SASRec {s:.4f} ({'ahead' if f > s else 'behind'})")
+            lines.append(f"- {group} vs SASRec: fused {f:.4f} vs SASRec {s:.4f} ({'ahead' if f > s else 'behind'})"
+                         + _interval_text(per_seed, "sasrec", group))
     return lines
+
+
+def _interval_text(per_seed: list[dict] | None, other: str, group: str, need: float | None = None) -> str:
+    test = paired_bootstrap(per_seed, "ours:fused", other, group) if per_seed else None
+    if test is None:
+        return ""
+    text = (f"; paired over {test['users']} user-seeds: ratio 95% interval [{test['ratio_lo']:.2f}, "
+            f"{test['ratio_hi']:.2f}], difference {test['diff']:+.4f} [{test['diff_lo']:+.4f}, {test['diff_hi']:+.4f}]")
+    if need is not None and test["ratio_lo"] < need <= test["ratio"]:
+        text += " (the goal is inside the interval: not a clear win)"
+    return text
 
 
 def chart(agg: dict[str, dict], path: Path) -> None:
@@ -218,9 +369,11 @@ def chart(agg: dict[str, dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fmt = args.format or guess_format(args.data)
+    if args.jobs > 1 and args.trainer == "ray":
+        raise UserError(f"--jobs {args.jobs} runs fits in parallel processes, which --trainer ray does not "
+                        f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")
     folder = dataset_folder(args.data, fmt)
-    frames = load_frames(folder)
-    # Ray workers read the dataset folder themselves (same split: it depends only on the config's seeds).
+    # Every fit (and each Ray worker) reads the dataset folder itself; the split depends only on the seeds.
     args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,18 +382,17 @@ def run(args: argparse.Namespace) -> int:
 
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    chosen: dict[str, dict] = {}
-    per_seed = [run_seed(seed, args, frames, list(args.sets), chosen) for seed in range(args.seeds)]
+    per_seed = run_all(args)
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
     ndcg = markdown_table(agg, "ndcg@10")
     hr = markdown_table(agg, "hr@10")
-    goals = goal_lines(agg)
+    goals = goal_lines(agg, per_seed)
     text = (f"## Test NDCG@10 (full ranking, mean ± std over {args.seeds} seeds)\n\n{ndcg}\n\n"
             f"## Test HR@10\n\n{hr}\n\n## Goals\n\n" + "\n".join(goals) +
             f"\n\nWall time: {wall / 60:.1f} min on this machine; data: {args.data} ({fmt or 'standard schema'}); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
-            + (" --fast" if args.fast else "") + "\n")
+            + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "") + "\n")
     print("\n" + text)
     (out / "accuracy.md").write_text(text)
     (out / "accuracy.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg, "wall_seconds": wall,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysparse.data.split import Split
-from raysparse.metrics import evaluate
+from raysparse.metrics import evaluate, full_ranks
 
 log = logging.getLogger(__name__)
 
@@ -605,8 +605,8 @@ def run_baselines(split: Split, item_emb: np.ndarray | None, names: list[str], s
     (for tests); num_threads goes to iALS and SASRec (1 is faster on a loaded machine). "ease_text" reuses the
     lam chosen by "ease" when that runs first. Returns {name: {"params", "val", "test", "tune_val_ndcg@10",
     "fit_seconds", "tune_seconds"}}: val/test are `evaluate` results (full ranking and sampled100/...),
-    fit_seconds the chosen configuration's own fit, tune_seconds the whole grid search.
-    """
+    fit_seconds the chosen configuration's own fit, tune_seconds the whole grid search, test_ranks the full-ranking
+    rank of each evaluated user's test item (split.evaluated_users order)."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline names {unknown}; choose from {list(BASELINES)}.")
@@ -629,6 +629,8 @@ def run_baselines(split: Split, item_emb: np.ndarray | None, names: list[str], s
             "tune_val_ndcg@10": tune_ndcg,
             "fit_seconds": fit_seconds,
             "tune_seconds": tune_seconds,
+            # per evaluated user (split.evaluated_users order): for paired comparisons between models
+            "test_ranks": full_ranks(model.score, split, split.evaluated_users, "test"),
         }
         log.info("%s: params %s, val ndcg@10 %.4f, test ndcg@10 %.4f, fit %.1fs, tune %.1fs", name, params,
                  results[name]["val"]["overall"]["ndcg@10"], results[name]["test"]["overall"]["ndcg@10"],
