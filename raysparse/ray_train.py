@@ -415,8 +415,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from raysparse.local import item_table
     from raysparse.metrics import flatten, summarize
     from raysparse.ray_data import iter_example_batches
-    from raysparse.step import compute_loss
+    from raysparse.step import compute_loss, keep_freed_memory
 
+    keep_freed_memory()
     config = config_from_dict(loop_config["config"])
     tc, rc = config.train, config.ray
     ctx = ray.train.get_context()

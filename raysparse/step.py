@@ -52,6 +52,30 @@ class MaskedLogSumExp(torch.autograd.Function):
         return grad, None
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed memory for reuse instead of unmapping it (Linux/glibc; elsewhere a no-op).
+
+    A training step allocates and frees tensors of ~100 MB (the full-softmax logits and their gradient); by
+    default glibc serves each from a fresh mmap, so every step pays page faults to zero new pages again. Keeping
+    the memory in the heap: one epoch of configs/accuracy.yaml on ML latest-small 17.3 s -> 13.9 s (2 threads,
+    1.8M -> 0.3M page faults a run), same losses. The cost: the process keeps its peak heap until it exits,
+    which training processes do anyway. Returns whether the setting took.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):           # not glibc (e.g. musl): leave the allocator as it is
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 1 << 36) and mallopt(m_top_pad, 1 << 28))
+
+
 def compute_loss(out: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     """Mean loss over the targets from model outputs pos (N,), cand (S, M), neg_mask (S, M) and optionally
     target_row (N,), the row of cand/neg_mask each target is scored against (absent: N = S, row i for target i;
@@ -117,6 +141,7 @@ def train_local(config: Config, prepared, model: nn.Module, builder, log: Callab
                 evaluate_fn: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
     """Train in this process with AdamW. Returns one record per epoch (loss, seconds, examples/s, metrics)."""
     tc = config.train
+    keep_freed_memory()
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     n_examples = len(builder.training_examples(tc.example_mode)[0])

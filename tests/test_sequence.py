@@ -292,3 +292,28 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
     cfg = walk_config(tmp_path).replace(**{"train.lr": 1e-12, "train.patience": 2, "train.epochs": 30})
     _, summary = run_local(cfg, prepare_data(cfg, walks(n_users=40)), log=lambda s: None, save=False)
     assert len(summary["history"]) == 3 and summary["best_epoch"] == 1
+
+
+def test_keep_freed_memory_lets_a_second_large_tensor_reuse_the_pages_of_the_first():
+    """With the setting a freed 100 MB tensor's pages are reused by the next ones (almost no new page faults,
+    once the heap has grown); without it each allocation is a fresh mmap that faults in all its pages again."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, torch
+from raysparse.step import keep_freed_memory
+if sys.argv[1] == 'keep':
+    assert keep_freed_memory()
+def faults_of_one_big_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(25_000_000)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_big_tensor()
+faults_of_one_big_tensor()     # (glibc settles its heap over the first two)
+print(faults_of_one_big_tensor())
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    assert faults["default"] > 20_000          # 100 MB / 4 KiB pages, faulted in again
+    assert faults["keep"] < 1_000, faults

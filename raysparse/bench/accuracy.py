@@ -181,7 +181,10 @@ def _job(kind: str, args, seed: int, payload, threads: int):
     """One unit of work in a pool process: a seed's baselines, or one of our rows."""
     import torch
 
+    from raysparse.step import keep_freed_memory
+
     torch.set_num_threads(threads)
+    keep_freed_memory()           # the baselines (SASRec) gain from it as much as our models
     if kind == "baselines":
         return baseline_rows(args, seed, payload)
     label, sets = payload
@@ -382,6 +385,9 @@ def run(args: argparse.Namespace) -> int:
 
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from raysparse.step import keep_freed_memory
+
+    keep_freed_memory()           # before any fit in this process, baselines included (see its docstring)
     per_seed = run_all(args)
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
