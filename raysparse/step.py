@@ -26,16 +26,21 @@ class MaskedLogSumExp(torch.autograd.Function):
     The same value and gradient as `torch.logsumexp(logits.masked_fill(~mask, -inf), 1)`, without keeping
     a masked (S, M) copy for backward and with each chunk's passes in cache: with full softmax over ten
     thousand items the logits are the biggest tensor of a step and these passes the biggest cost after the
-    matmul (`raysparse bench step`). A row with nothing masked in gives -inf and zero gradient.
+    matmul (torch profiler, a configs/accuracy.yaml step on 2 cores). A row with nothing masked in gives -inf
+    and zero gradient. On GPU the rows go in one chunk (no cache to fit, and one kernel beats many small ones).
     """
 
     CHUNK_ROWS = 32   # 32 rows x 10k items x 4 bytes: ~1 MB, within a core's L2
 
     @staticmethod
+    def _chunks(logits: torch.Tensor):
+        step = logits.shape[0] if logits.is_cuda else MaskedLogSumExp.CHUNK_ROWS
+        return (slice(lo, lo + step) for lo in range(0, logits.shape[0], max(step, 1)))
+
+    @staticmethod
     def forward(ctx, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = logits.new_empty(logits.shape[0])
-        for lo in range(0, logits.shape[0], MaskedLogSumExp.CHUNK_ROWS):
-            rows = slice(lo, lo + MaskedLogSumExp.CHUNK_ROWS)
+        for rows in MaskedLogSumExp._chunks(logits):
             out[rows] = torch.logsumexp(logits[rows].masked_fill(~mask[rows], float("-inf")), dim=1)
         ctx.save_for_backward(logits, mask, out)
         return out
@@ -44,8 +49,7 @@ class MaskedLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         logits, mask, out = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for lo in range(0, logits.shape[0], MaskedLogSumExp.CHUNK_ROWS):
-            rows = slice(lo, lo + MaskedLogSumExp.CHUNK_ROWS)
+        for rows in MaskedLogSumExp._chunks(logits):
             # d lse / d logit = softmax over the masked-in entries, 0 elsewhere
             chunk = torch.sub(logits[rows], out[rows, None], out=grad[rows]).exp_()
             chunk.mul_(grad_out[rows, None]).masked_fill_(~mask[rows], 0.0)
@@ -57,8 +61,8 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees tensors of ~100 MB (the full-softmax logits and their gradient); by
     default glibc serves each from a fresh mmap, so every step pays page faults to zero new pages again. Keeping
-    the memory in the heap: one epoch of configs/accuracy.yaml on ML latest-small 17.3 s -> 13.9 s (2 threads,
-    1.8M -> 0.3M page faults a run), same losses. The cost: the process keeps its peak heap until it exits,
+    the memory in the heap: one epoch of configs/accuracy.yaml on ML latest-small 17.3 s -> 15.0 s (2 threads,
+    1.78M -> 0.31M page faults a run), same losses. The cost: the process keeps its peak heap until it exits,
     which training processes do anyway. Returns whether the setting took.
     """
     import ctypes
