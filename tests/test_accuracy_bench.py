@@ -80,6 +80,9 @@ def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp
                               "--out", str(tmp_path)])
     with pytest.raises(UserError, match="use --jobs 1 with --trainer ray"):
         args.func(args)
+    args = parser.parse_args(["accuracy", "--data", str(dataset), "--jobs", "0", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="1 or more"):
+        args.func(args)
 
 
 def test_paired_bootstrap_known_answers():

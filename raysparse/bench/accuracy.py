@@ -216,7 +216,9 @@ def run_all(args) -> list[dict]:
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    # the cores this process may use (a container's affinity), not the host's count
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    threads = max(1, cores // args.jobs)
     results: dict = {}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
@@ -372,6 +374,8 @@ def chart(agg: dict[str, dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fmt = args.format or guess_format(args.data)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give the number of fits to run side by side, 1 or more.")
     if args.jobs > 1 and args.trainer == "ray":
         raise UserError(f"--jobs {args.jobs} runs fits in parallel processes, which --trainer ray does not "
                         f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")

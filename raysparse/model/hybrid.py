@@ -202,8 +202,9 @@ class HybridRecommender(nn.Module):
                                      batch["target_row"])
 
     def sequence_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N, D): the user vector each prediction of a sequence batch is made from; equal to `user_vectors`
-        of the history that prediction reads (tested)."""
+        """(S, D): the user vector at each scoring position (pred_row, pred_col) of a sequence batch, which all
+        of that position's targets are scored from; equal to `user_vectors` of the history the position reads
+        (tested)."""
         seq, window = batch["seq"], batch["window"]
         rows, cols = batch["pred_row"], batch["pred_col"]
         valid = (seq >= 0)
