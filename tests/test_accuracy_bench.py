@@ -85,6 +85,24 @@ def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp
         args.func(args)
 
 
+
+def test_a_bad_ablation_key_fails_before_any_fit(dataset, tmp_path, capsys):
+    """The last row's override is checked up front: no baseline or model is fitted for a run that would fail."""
+    from raysparse.bench.accuracy import register_bench
+    from raysparse.errors import ConfigError
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers())
+    args = parser.parse_args(["accuracy", "--data", str(dataset), "--trainer", "local", "--fast", "--seeds", "1",
+                              "--ablation", "typo:model.dropuot=0.2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ConfigError, match="Unknown config key 'model.dropuot'"):
+        args.func(args)
+    printed = capsys.readouterr().out
+    assert "test ndcg@10" not in printed and "training" not in printed
+    assert not (tmp_path / "bad" / "accuracy.json").exists()
+
+
 def test_paired_bootstrap_known_answers():
     """Ratios and differences of per-user NDCG@10 with known values: rank 1 scores 1, rank 3 scores 0.5."""
     from raysparse.bench.accuracy import paired_bootstrap

@@ -155,9 +155,7 @@ def baseline_rows(args, seed: int, chosen: dict[str, dict]) -> tuple[dict, dict]
         rows[name] = {"val": flatten(r["val"], "val/"), "test": flatten(r["test"], "test/"),
                       "params": r["params"], "seconds": r["tune_seconds"] + 0.0, "fit_seconds": r["fit_seconds"],
                       "test_ranks": r["test_ranks"].tolist()}
-        print(f"  seed {seed} {name}: test ndcg@10 {rows[name]['test']['test/overall/ndcg@10']:.4f} "
-              f"cohort {rows[name]['test'].get('test/cohort/ndcg@10', float('nan')):.4f} "
-              f"({r['tune_seconds']:.0f}s) params {r['params']}", flush=True)
+        print(_result_line(seed, name, rows[name]) + f" params {r['params']}", flush=True)
     return rows, {name: dict(r["params"]) for name, r in results.items()}
 
 
@@ -166,9 +164,13 @@ def our_row(args, seed: int, label: str, sets: list[str]) -> dict:
     _, prepared = prepared_seed(args, seed)
     print(f"  seed {seed}: training {label} ...", flush=True)
     row = train_ours(seed_config(args, seed, sets), prepared, args.trainer, prefix=f"[seed {seed} {label}] ")
-    print(f"  seed {seed} {label}: test ndcg@10 {row['test']['test/overall/ndcg@10']:.4f} "
-          f"cohort {row['test'].get('test/cohort/ndcg@10', float('nan')):.4f} ({row['seconds']:.0f}s)", flush=True)
+    print(_result_line(seed, label, row), flush=True)
     return row
+
+
+def _result_line(seed: int, label: str, row: dict) -> str:
+    return (f"  seed {seed} {label}: test ndcg@10 {row['test']['test/overall/ndcg@10']:.4f} "
+            f"cohort {row['test'].get('test/cohort/ndcg@10', float('nan')):.4f} ({row['seconds']:.0f}s)")
 
 
 def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
@@ -200,6 +202,8 @@ def run_all(args) -> list[dict]:
     seeds = list(range(args.seeds))
     names = [n for n in args.baselines.split(",") if n]
     ours = our_rows_wanted(args)
+    for _, sets in ours:        # a bad --set or --ablation key fails now, not after the fits before its row
+        seed_config(args, 0, sets)
     per_seed: list[dict] = [{} for _ in seeds]
     if args.jobs <= 1:
         chosen: dict[str, dict] = {}
@@ -229,6 +233,8 @@ def run_all(args) -> list[dict]:
                 pending[pool.submit(_job, "ours", args, seed, (label, sets), threads)] = (label, seed)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if any(future.exception() for future in done):    # stop the queue: the run cannot complete
+                pool.shutdown(wait=False, cancel_futures=True)
             for future in done:
                 kind, seed = pending.pop(future)
                 result = future.result()
