@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: load a dataset given as a standard-schema folder or a MovieLens layout,
-and print aligned tables."""
+"""Helpers shared by the benchmarks: load a dataset given as a standard-schema folder, a MovieLens layout or
+the Amazon JSON layout, and print aligned tables."""
 
 from __future__ import annotations
 
@@ -12,18 +12,24 @@ DEFAULT_ML = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-l
 
 
 def dataset_folder(data: str, fmt: str = "") -> str:
-    """A standard-schema folder: `data` itself, or a MovieLens folder converted into a temp folder."""
+    """A standard-schema folder: `data` itself, or a MovieLens / Amazon JSON folder (layout `fmt`) converted
+    into a temp folder."""
     if not fmt:
         return data
+    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, convert_amazon_json
     from raysparse.data.movielens import convert_movielens
 
     out = tempfile.mkdtemp(prefix="raysparse-bench-")
-    convert_movielens(fmt, data, out)
+    if fmt == AMAZON_FORMAT:
+        convert_amazon_json(data, out)
+    else:
+        convert_movielens(fmt, data, out)
     return out
 
 
 def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(interactions, items) from a standard-schema folder, or a MovieLens folder when `fmt` names one."""
+    """(interactions, items) from a standard-schema folder, or a MovieLens / Amazon JSON folder when `fmt`
+    names its layout."""
     from raysparse.data.io import load_dataset
 
     interactions, items, _ = load_dataset(dataset_folder(data, fmt))
@@ -31,7 +37,8 @@ def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def guess_format(data: str) -> str:
-    """'movielens-latest' etc. when the folder holds a GroupLens layout, else '' (standard schema)."""
+    """'movielens-latest' etc. when the folder holds a GroupLens layout, 'amazon-json' when it holds one
+    `*.inter.json` and one `*.item.json`, else '' (standard schema)."""
     p = Path(data)
     if (p / "ratings.csv").exists() and (p / "movies.csv").exists():
         return "movielens-latest"
@@ -39,6 +46,10 @@ def guess_format(data: str) -> str:
         return "movielens-1m"
     if (p / "u.data").exists():
         return "movielens-100k"
+    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, INTER_SUFFIX, ITEM_SUFFIX
+
+    if len(list(p.glob(f"*{INTER_SUFFIX}"))) == 1 and len(list(p.glob(f"*{ITEM_SUFFIX}"))) == 1:
+        return AMAZON_FORMAT
     return ""
 
 

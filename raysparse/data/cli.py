@@ -18,9 +18,13 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, convert_amazon_json
     from raysparse.data.movielens import convert_movielens
 
-    report = convert_movielens(args.format, args.src, args.dst)
+    if args.format == AMAZON_FORMAT:
+        report = convert_amazon_json(args.src, args.dst)
+    else:
+        report = convert_movielens(args.format, args.src, args.dst)
     print(f"wrote {args.dst}/interactions.parquet and {args.dst}/items.parquet")
     print(report.summary())
     return 0
@@ -59,6 +63,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `data` and its subcommands to the top-level parser."""
+    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT
     from raysparse.data.movielens import FORMATS
 
     data = subparsers.add_parser("data", help="Make, convert and check datasets.",
@@ -75,9 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Mean interactions per user before de-duplication (default 25).")
     p.set_defaults(func=_synthetic)
 
-    p = sub.add_parser("convert", help="Convert a MovieLens download to the standard schema.")
-    p.add_argument("--format", required=True, choices=FORMATS, help="Which MovieLens release SRC holds.")
-    p.add_argument("src", help="Unzipped MovieLens folder (e.g. ml-latest-small/).")
+    p = sub.add_parser("convert", help="Convert a MovieLens download or an Amazon JSON folder to the standard "
+                                       "schema.")
+    p.add_argument("--format", required=True, choices=(*FORMATS, AMAZON_FORMAT),
+                   help=f"Which layout SRC holds: a MovieLens release, or {AMAZON_FORMAT} (<Name>.inter.json "
+                        f"+ <Name>.item.json).")
+    p.add_argument("src", help="Unzipped MovieLens folder (e.g. ml-latest-small/) or Amazon JSON folder "
+                               "(e.g. amazon-scientific/).")
     p.add_argument("dst", help="Output folder: interactions.parquet + items.parquet.")
     p.set_defaults(func=_convert)
 
