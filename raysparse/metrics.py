@@ -1,5 +1,8 @@
 """Ranking metrics for one held-out item per user, full ranking and the sampled protocol.
 
+Every model is scored from the same input per user and stage (`Split.model_input`: leave-one-out, the
+validation item folded in at test) and ranks every item outside that input.
+
 `rank` is 1-based and pessimistic about ties: an item scored equal to the target counts as ranked above it,
 so a model that scores everything the same gets the worst rank, not the best.
 HR@K = [rank <= K]; with a single relevant item Recall@K equals HR@K; NDCG@K = 1/log2(rank + 1) if
@@ -18,7 +21,9 @@ from raysparse.data.split import Split
 KS = (5, 10, 20)
 SAMPLED_NEGATIVES = 100
 
-ScoreFn = Callable[[np.ndarray], torch.Tensor]  # user_idx (B,) -> scores (B, I) over every item
+# (user_idx (B,), each user's input items oldest first (Split.model_input)) -> scores (B, I) over every item.
+# The input is the protocol's: the training history at validation, + the validation item at test.
+ScoreFn = Callable[[np.ndarray, list[np.ndarray]], torch.Tensor]
 
 
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, exclude_mask: torch.Tensor | None = None
@@ -49,13 +54,14 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str,
 
 
 def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:
-    """Full-ranking ranks of each user's held-out item. Excluded: training items (+ validation item at test)."""
+    """Full-ranking ranks of each user's held-out item, scored from `split.model_input` (the training history,
+    + the validation item at test); everything in that input is excluded from the ranking."""
     targets_all = split.targets(stage)
     ranks = np.zeros(len(users), np.int64)
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         with torch.no_grad():
-            scores = torch.as_tensor(score_fn(batch)).float()
+            scores = torch.as_tensor(score_fn(batch, split.model_inputs(batch, stage))).float()
         mask = exclusion_mask(split, batch, stage)
         targets = torch.as_tensor(targets_all[batch])
         ranks[start:start + len(batch)] = ranks_from_scores(scores, targets, mask).numpy()
@@ -99,7 +105,7 @@ def sampled_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         with torch.no_grad():
-            scores = torch.as_tensor(score_fn(batch)).float()
+            scores = torch.as_tensor(score_fn(batch, split.model_inputs(batch, stage))).float()
         cols = torch.as_tensor(np.concatenate([targets_all[batch][:, None], candidates[start:start + len(batch)]], 1))
         sub = scores.gather(1, cols)
         ranks[start:start + len(batch)] = ranks_from_scores(sub, torch.zeros(len(batch), dtype=torch.long)).numpy()

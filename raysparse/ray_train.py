@@ -55,6 +55,7 @@ import torch
 from raysparse.config import Config, config_from_dict
 from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
+from raysparse.metrics import ScoreFn
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, epochs_since_best
 
@@ -345,7 +346,7 @@ class DeviceRecommender(Recommender):
         return self.model.score(users, self.item_vectors)
 
 
-def distributed_ranks(score_fn: Callable[[np.ndarray], torch.Tensor], split, users: np.ndarray, stage: str, batch_size: int, rank: int,
+def distributed_ranks(score_fn: ScoreFn, split, users: np.ndarray, stage: str, batch_size: int, rank: int,
                       world: int) -> np.ndarray:
     """Full-ranking ranks (N,) of `users`: this worker ranks users[rank::world], then all ranks are gathered
     and put back in `users` order, so every worker holds exactly what one process would compute."""

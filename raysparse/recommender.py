@@ -85,9 +85,23 @@ class Recommender:
             users = self.model.user_vectors(inputs).float()
             return self.model.score(users, self.item_vectors)
 
-    def score_users(self, user_idx: np.ndarray) -> torch.Tensor:
-        """(B, I) scores for known users from their training histories (the evaluation entry point)."""
+    def score_users(self, user_idx: np.ndarray, histories: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """(B, I) scores for known users (the evaluation entry point, a `raysparse.metrics.ScoreFn`).
+
+        histories: each user's input, oldest first, as the protocol gives it (`Split.model_input`: the training
+        history, + the validation item at test); None reads the training histories. Items beyond the training
+        history are new interactions (weight 1), read through the same path as a served fold-in.
+        """
         items, weights = self.builder.user_histories([int(u) for u in user_idx])
+        if histories is not None:
+            for row, (u, given) in enumerate(zip(user_idx, histories)):
+                known = self.builder.split.history(int(u))
+                if len(given) < len(known) or not np.array_equal(given[:len(known)], known):
+                    raise ValueError(f"user {int(u)}: the given history does not start with the training "
+                                     f"history; pass the protocol's input (Split.model_input).")
+                extra = np.asarray(given[len(known):], np.int64)[::-1]      # newest first
+                items[row] = np.concatenate([extra, items[row]])
+                weights[row] = np.concatenate([np.ones(len(extra), np.float32), weights[row]])
         return self.score_inputs(self.builder.user_inputs(items, weights))
 
     def score_histories(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:

@@ -23,7 +23,7 @@ def _split(rows, items):
 
 def _top_unseen(model, split, user, stage="val"):
     """Item indices ranked by score for one user, training items (and the val item at test) removed."""
-    scores = model.score(np.array([user]))[0].clone()
+    scores = model.score(np.array([user]), split.model_inputs([user], stage))[0].clone()
     scores[torch.as_tensor(split.exclusions(user, stage))] = -torch.inf
     return torch.argsort(scores, descending=True, stable=True)[: split.n_items - len(split.exclusions(user, stage))]
 
@@ -78,7 +78,7 @@ def test_ease_recovers_planted_item_with_zero_diagonal(planted):
     assert np.all(np.diag(model.weights) == 0)
     # Scores are X B: the star's score vector is the sum of B's rows for their training items.
     rows = np.searchsorted(model.active_items, split.history(star))
-    np.testing.assert_allclose(model.score(np.array([star]))[0].numpy()[model.active_items],
+    np.testing.assert_allclose(model.score(np.array([star]), [split.history(star)])[0].numpy()[model.active_items],
                                model.weights[rows].sum(0), rtol=1e-5)
     result = evaluate(model.score, split, "test", sampled=False, users=np.array([star]))
     assert result["overall"]["mrr"] == 1.0
@@ -104,7 +104,7 @@ def test_text_zero_shot_is_cosine_to_mean_of_normalized_history():
     split = Split(n_users=2, n_items=5, train_indptr=np.array([0, 2, 2]), train_items=np.array([0, 1]),
                   train_weights=np.ones(2, np.float32), val_item=np.array([2, -1]), test_item=np.array([4, -1]),
                   cohort_k=np.zeros(2, np.int64))
-    scores = TextZeroShot(emb).fit(split).score(np.array([0, 1])).numpy()
+    scores = TextZeroShot(emb).fit(split).score(np.array([0, 1]), split.model_inputs([0, 1], "val")).numpy()
     user = (np.array([0.6, 0.8, 0]) + np.array([0, 0, 1.0])) / 2  # mean of the unit vectors of items 0, 1
     norms = np.linalg.norm(emb, axis=1)
     expected = np.array([emb[i] @ user / (norms[i] * np.linalg.norm(user)) if norms[i] else 0.0 for i in range(5)])
@@ -120,7 +120,8 @@ def test_blend_with_beta_zero_ranks_like_ease(planted):
     users = split.evaluated_users
     ease = EASE(lam=5.0).fit(split)
     blend = EASETextBlend(emb, lam=5.0, beta=0.0).fit(split)
-    torch.testing.assert_close(blend.score(users), zscore_rows(ease.score(users)))
+    inputs = split.model_inputs(users, "test")
+    torch.testing.assert_close(blend.score(users, inputs), zscore_rows(ease.score(users, inputs)))
     for stage in ("val", "test"):  # same ranks -> the same metrics, for every user
         assert evaluate(blend.score, split, stage, sampled=False) == evaluate(ease.score, split, stage, sampled=False)
     # z-scoring: mean 0 and std 1 per row; a constant row maps to zeros, not NaN.
@@ -159,14 +160,37 @@ def test_sasrec_position_sees_only_earlier_items():
     assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
-def test_sasrec_with_next_but_one_targets_finds_the_test_item_of_a_cycle():
-    """skip_targets: each position also predicts the item two ahead. On a cycle ending at x the validation item
-    is x+1 and the test item x+2 (validation item excluded at test), so x+2 must rank first at test. Shifted the
-    wrong way, the extra target would be the position's own item (seen, so excluded), and x+2 would get nothing."""
-    split = _cycle_split()
-    model = SASRec(hidden_size=32, num_layers=1, dropout=0.1, epochs=40, batch_size=32, lr=1e-2, seed=0,
-                   num_threads=1, skip_targets=True).fit(split)
+def _branching_split(n_users=200, n_hubs=12, branches=4, length=9, seed=0):
+    """Users alternate hub and branch items: after hub h comes one of its `branches` branch items, drawn at
+    random; after a branch item comes its one fixed next hub. Sequences start at a hub and have odd length, so
+    the validation item is a branch and the test item is that branch's fixed next hub: certain for a model that
+    reads the validation item, one guess in `branches` for a model that stops at the hub before it."""
+    rng = np.random.default_rng(seed)
+    n_branch = n_hubs * branches
+    next_hub = rng.integers(n_hubs, size=n_branch)
+    rows = []
+    for u in range(n_users):
+        hub = int(rng.integers(n_hubs))
+        for step in range(length):
+            if step % 2 == 0:
+                rows.append((f"u{u}", f"h{hub}"))
+                branch = hub * branches + int(rng.integers(branches))
+            else:
+                rows.append((f"u{u}", f"b{branch}"))
+                hub = int(next_hub[branch])
+    return _split(rows, [f"h{i}" for i in range(n_hubs)] + [f"b{i}" for i in range(n_branch)])[1]
+
+
+def test_leave_one_out_sasrec_reads_the_validation_item_at_test():
+    """Standard protocol: at test SASRec reads the training history + the validation item, so the hub that
+    follows the validation branch ranks first. Scored from the training history alone (the old protocol), the
+    same fitted model cannot know which of 4 branches was taken, so it finds the test item about one time in 4."""
+    split = _branching_split()
+    model = SASRec(hidden_size=32, num_layers=1, dropout=0.1, epochs=30, batch_size=32, lr=1e-2, seed=0,
+                   num_threads=1).fit(split)
     assert evaluate(model.score, split, "test", ks=(1,), sampled=False)["overall"]["hr@1"] >= 0.9
+    history_only = lambda users, inputs: model.score(users, [split.history(int(u)) for u in users])
+    assert evaluate(history_only, split, "test", ks=(1,), sampled=False)["overall"]["hr@1"] <= 0.5
 
 
 def test_sasrec_learns_a_planted_cycle():
@@ -182,7 +206,7 @@ def test_sasrec_learns_a_planted_cycle():
 def test_sasrec_is_deterministic_given_seed():
     split = _cycle_split(n_users=30)
     scores = [SASRec(hidden_size=16, num_layers=1, epochs=2, batch_size=8, seed=3, num_threads=1).fit(split)
-              .score(np.arange(5)) for _ in range(2)]
+              .score(np.arange(5), split.model_inputs(np.arange(5), "val")) for _ in range(2)]
     assert torch.equal(scores[0], scores[1])
 
 
@@ -250,4 +274,4 @@ def test_errors_name_the_argument_and_the_fix(planted):
     with pytest.raises(ValueError, match="stage_for_tuning must be 'val'.*got 'test'"):
         SASRec().fit(split, stage_for_tuning="test")
     with pytest.raises(RuntimeError, match=r"call \.fit\(split\)"):
-        EASE().score(np.array([0]))
+        EASE().score(np.array([0]), [np.array([1])])

@@ -133,6 +133,24 @@ def trained(tmp_path_factory, frames, tiny_encoder):
     return rec, out / "artifact"
 
 
+def test_test_stage_scores_read_the_validation_item_as_a_served_fold_in(trained):
+    """Leave-one-out: at test the model reads the training history + the validation item, through the same
+    path as serving a known user with one new interaction (recommend(user_ids, histories))."""
+    rec, _ = trained
+    split = rec.builder.split
+    users = split.evaluated_users[:4]
+    at_test = rec.score_users(users, split.model_inputs(users, "test"))
+    for row, u in enumerate(users):
+        served = rec.recommend(user_ids=[rec.users.raw_ids[u]], histories=[[rec.items.raw_ids[split.val_item[u]]]],
+                               k=5, exclude_seen=False)[0]
+        top = torch.topk(at_test[row], 5)
+        assert [r.item_id for r in served] == [rec.items.raw_ids[int(i)] for i in top.indices]
+        assert not torch.allclose(at_test[row], rec.score_users(np.array([u]))[0])   # the new item changed it
+    torch.testing.assert_close(rec.score_users(users, split.model_inputs(users, "val")), rec.score_users(users))
+    with pytest.raises(ValueError, match="does not start with the training history"):
+        rec.score_users(users[:1], [np.array([split.val_item[users[0]]])])
+
+
 def test_artifact_round_trip_scores_equal_and_no_pickles(trained):
     rec, path = trained
     loaded = Recommender.load(path)

@@ -86,7 +86,7 @@ def test_evaluate_groups_and_excludes_validation_item_at_test():
     # A scorer that loves the validation item 'r', then 's', then everything else.
     order = {"r": 5.0, "s": 4.0, "t": 3.0, "p": 9.0, "q": 9.0}
     vec = torch.tensor([order[i] for i in log.items.raw_ids])
-    score_fn = lambda users: vec.repeat(len(users), 1)
+    score_fn = lambda users, inputs: vec.repeat(len(users), 1)
     val = evaluate(score_fn, split, "val", sampled=False)
     test = evaluate(score_fn, split, "test", sampled=False)
     assert val["overall"]["mrr"] == 1.0     # p, q are training items: excluded, r ranks first

@@ -3,11 +3,14 @@
 Every baseline follows one small contract so the bench can treat them alike:
 
     model = Baseline(**params).fit(split)          # reads split.train_* only, never val_item / test_item
-    model.score(user_idx)                          # (B,) -> (B, I) float32 scores over every item
+    model.score(user_idx, histories)               # (B,), B input histories -> (B, I) float32 scores
     Baseline.tune(split, grid) -> (params, ndcg)   # grid search by validation NDCG@10 (overall group)
 
-`raysparse.metrics.evaluate` removes each user's training items (and the validation item at test) from the
-ranking, so `score` returns raw scores for all items. Tuning calls `evaluate(..., stage="val")` only: the test
+`histories` is what each user reads under the leave-one-out protocol (`Split.model_input`, oldest first): the
+training history at validation, the training history + the validation item at test. Every model scores from
+it alone (EASE: that row times B; iALS: a user vector re-solved from that row; SASRec: that sequence; text: the
+mean of its items' embeddings), so all rows of the bench get the same input. `raysparse.metrics.evaluate`
+removes the input items from the ranking, so `score` returns raw scores for all items. Tuning calls `evaluate(..., stage="val")` only: the test
 targets decide nothing (tests/test_baselines.py checks this with a split that raises on any test access).
 """
 
@@ -41,7 +44,7 @@ class Baseline(Protocol):
 
     def fit(self, split: Split, stage_for_tuning: str | None = "val") -> "Baseline": ...
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor: ...
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor: ...
 
 
 def validation_ndcg10(model: Baseline, split: Split) -> float:
@@ -92,7 +95,20 @@ def _check_val_only(stage_for_tuning: str | None) -> None:
 
 def _check_fitted(model: object, attribute: str) -> None:
     if getattr(model, attribute, None) is None:
-        raise RuntimeError(f"{type(model).__name__} is not fitted; call .fit(split) before .score(user_idx).")
+        raise RuntimeError(f"{type(model).__name__} is not fitted; call .fit(split) before .score(user_idx, "
+                           f"histories).")
+
+
+def history_rows(histories: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """(B, I) binary CSR rows of the given input histories (item indices)."""
+    lengths = [len(h) for h in histories]
+    indptr = np.zeros(len(histories) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = np.concatenate([np.asarray(h, np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
+    rows = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(histories), n_items))
+    rows.sum_duplicates()
+    rows.data[:] = 1.0
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,8 +129,8 @@ class Popularity:
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I)."""
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,) -> (B, I); the input does not matter."""
         _check_fitted(self, "counts")
         return self.counts.expand(len(user_idx), -1).clone()
 
@@ -169,7 +185,6 @@ class EASE:
         self.dtype = dtype
         self.weights: np.ndarray | None = None   # (A, A) B restricted to the active items
         self.active_items: np.ndarray | None = None  # (A,) item_idx of B's rows/columns
-        self._rows: sp.csr_matrix | None = None  # (U, A) binary training matrix on the active items
         self.n_items = 0
 
     def fit(self, split: Split, stage_for_tuning: str | None = "val") -> "EASE":
@@ -178,16 +193,16 @@ class EASE:
         x = split.train_matrix(binary=True)
         self.n_items = split.n_items
         self.active_items = np.flatnonzero(x.getnnz(axis=0) > 0)
-        self._rows = x[:, self.active_items].tocsr()
-        self.weights = ease_weights(_gram(self._rows, self.dtype), self.lam, overwrite=True)
+        self.weights = ease_weights(_gram(x[:, self.active_items].tocsr(), self.dtype), self.lam, overwrite=True)
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I)."""
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,), input histories -> (B, I): each input row times B. Items unseen in training have no
+        row in B (theirs would be zero), so they add nothing."""
         _check_fitted(self, "weights")
         out = np.zeros((len(user_idx), self.n_items), np.float32)
-        out[:, self.active_items] = self._rows[np.asarray(user_idx)] @ self.weights
+        out[:, self.active_items] = history_rows(histories, self.n_items)[:, self.active_items] @ self.weights
         return torch.from_numpy(out)
 
     @classmethod
@@ -229,8 +244,8 @@ class IALS:
         self.iterations = iterations
         self.seed = seed
         self.num_threads = num_threads
-        self.user_factors: np.ndarray | None = None  # (U, F)
         self.item_factors: np.ndarray | None = None  # (I, F)
+        self._model = None                           # the fitted implicit model, which re-solves users
 
     def fit(self, split: Split, stage_for_tuning: str | None = "val") -> "IALS":
         _check_val_only(stage_for_tuning)
@@ -247,15 +262,23 @@ class IALS:
                                             iterations=self.iterations, num_threads=self.num_threads,
                                             random_state=self.seed)
             model.fit(confidence, show_progress=False)
-        self.user_factors = np.asarray(model.user_factors, np.float32)
         self.item_factors = np.asarray(model.item_factors, np.float32)
+        self._model = model
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I)."""
-        _check_fitted(self, "user_factors")
-        return torch.from_numpy(self.user_factors[np.asarray(user_idx)] @ self.item_factors.T)
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,), input histories -> (B, I). Each user's vector is re-solved from the input row against
+        the fitted item factors (implicit's `recalculate_user`, the same least squares as a fit's user step), so
+        the validation item folded in at test counts like any other interaction."""
+        _check_fitted(self, "item_factors")
+        import threadpoolctl
+
+        confidence = history_rows(histories, len(self.item_factors))
+        confidence.data = 1.0 + self.alpha * confidence.data
+        with threadpoolctl.threadpool_limits(1, "blas"):
+            users = self._model.recalculate_user(np.arange(len(histories)), confidence)
+        return torch.from_numpy(np.asarray(users, np.float32) @ self.item_factors.T)
 
     @classmethod
     def tune(cls, split: Split, grid: Grid | None = None, **fixed: Any) -> tuple[dict, float]:
@@ -284,7 +307,6 @@ class TextZeroShot:
     def __init__(self, item_emb: np.ndarray):
         self.item_emb = np.asarray(item_emb, np.float32)
         self.item_unit: np.ndarray | None = None  # (I, H)
-        self.user_unit: np.ndarray | None = None  # (U, H)
 
     def fit(self, split: Split, stage_for_tuning: str | None = "val") -> "TextZeroShot":
         _check_val_only(stage_for_tuning)
@@ -293,18 +315,17 @@ class TextZeroShot:
             raise ValueError(f"item_emb must have shape (n_items={split.n_items}, H), got {self.item_emb.shape}; "
                              f"embed every catalogue item, in item_idx order.")
         self.item_unit = _l2_normalize(self.item_emb)
-        # Row-normalized training matrix (U, I) @ unit embeddings (I, H) = mean of each user's unit embeddings.
-        x = split.train_matrix(binary=True)
-        lengths = np.maximum(np.diff(x.indptr), 1).astype(np.float32)
-        mean = sp.diags(1.0 / lengths) @ x @ self.item_unit
-        self.user_unit = _l2_normalize(np.asarray(mean, np.float32))
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I) cosine similarities in [-1, 1]."""
-        _check_fitted(self, "user_unit")
-        return torch.from_numpy(self.user_unit[np.asarray(user_idx)] @ self.item_unit.T)
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,), input histories -> (B, I) cosine similarities in [-1, 1]."""
+        _check_fitted(self, "item_unit")
+        # Row-normalized input rows (B, I) @ unit embeddings (I, H) = mean of each user's unit embeddings.
+        x = history_rows(histories, len(self.item_unit))
+        lengths = np.maximum(np.diff(x.indptr), 1).astype(np.float32)
+        users = _l2_normalize(np.asarray(sp.diags(1.0 / lengths) @ x @ self.item_unit, np.float32))
+        return torch.from_numpy(users @ self.item_unit.T)
 
     @classmethod
     def tune(cls, split: Split, grid: Grid | None = None, *, item_emb: np.ndarray) -> tuple[dict, float]:
@@ -344,10 +365,11 @@ class EASETextBlend:
         self.fit_seconds = self.ease.fit_seconds + self.text.fit_seconds
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I)."""
-        _check_fitted(self.text, "user_unit")
-        return zscore_rows(self.ease.score(user_idx)) + self.beta * zscore_rows(self.text.score(user_idx))
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,), input histories -> (B, I)."""
+        _check_fitted(self.text, "item_unit")
+        return (zscore_rows(self.ease.score(user_idx, histories))
+                + self.beta * zscore_rows(self.text.score(user_idx, histories)))
 
     @classmethod
     def tune(cls, split: Split, grid: Grid | None = None, *, item_emb: np.ndarray, lam: float | None = None
@@ -456,8 +478,7 @@ class SASRec:
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 1, dropout: float = 0.2,
                  max_len: int = 50, epochs: int = 200, batch_size: int = 128, lr: float = 3e-3,
-                 weight_decay: float = 0.0, patience: int = 3, seed: int = 0, num_threads: int = 2,
-                 skip_targets: bool = False):
+                 weight_decay: float = 0.0, patience: int = 3, seed: int = 0, num_threads: int = 2):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.num_heads = num_heads
@@ -470,12 +491,8 @@ class SASRec:
         self.patience = patience
         self.seed = seed
         self.num_threads = num_threads
-        # Also predict the item after next from each prefix (as our model trains with train.target_gap_max=1):
-        # under the last-item protocol the test item sits two past the training history.
-        self.skip_targets = skip_targets
         self.net: SASRecNet | None = None
         self.history: list[dict] = []  # per epoch: loss, val ndcg@10, seconds
-        self._split: Split | None = None
 
     def fit(self, split: Split, stage_for_tuning: str | None = "val") -> "SASRec":
         _check_val_only(stage_for_tuning)
@@ -485,7 +502,6 @@ class SASRec:
     def _fit(self, split: Split, stage_for_tuning: str | None) -> "SASRec":
         start = time.perf_counter()
         torch.manual_seed(self.seed)
-        self._split = split
         self.net = SASRecNet(split.n_items, self.hidden_size, self.num_layers, self.num_heads, self.dropout,
                              self.max_len)
         inputs, targets = training_windows(split, self.max_len)
@@ -500,10 +516,6 @@ class SASRec:
             for batch in torch.randperm(len(inputs), generator=order_rng).split(self.batch_size):
                 seq, tgt = inputs[batch], targets[batch]
                 hidden = self.net(seq)                       # (B, L, H)
-                if self.skip_targets:                        # position t also predicts the item at t + 2
-                    skip = torch.zeros_like(tgt)
-                    skip[:, :-1] = tgt[:, 1:]
-                    hidden, tgt = torch.cat([hidden, hidden], 1), torch.cat([tgt, skip], 1)
                 real = tgt > 0                               # positions with a next item to predict
                 logits = self.net.logits(hidden[real])       # (N, I): full softmax over the catalogue
                 loss = F.cross_entropy(logits, tgt[real] - 1)
@@ -529,10 +541,11 @@ class SASRec:
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def score(self, user_idx: np.ndarray) -> torch.Tensor:
-        """user_idx (B,) -> (B, I): logits of the last position given the user's last `max_len` training items."""
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """user_idx (B,), input histories -> (B, I): logits of the last position given each input's newest
+        `max_len` items."""
         _check_fitted(self, "net")
-        seq = torch.from_numpy(recent_items(self._split, np.asarray(user_idx), self.max_len))
+        seq = torch.from_numpy(recent_items(histories, self.max_len))
         was_training = self.net.training
         self.net.eval()
         with torch.no_grad(), torch_threads(self.num_threads):
@@ -547,11 +560,11 @@ class SASRec:
         return params, ndcg
 
 
-def recent_items(split: Split, user_idx: np.ndarray, max_len: int) -> np.ndarray:
-    """(B, max_len) int64 ids (item_idx + 1), each user's newest training items right-aligned, 0-padded left."""
-    out = np.zeros((len(user_idx), max_len), np.int64)
-    for row, u in enumerate(user_idx):
-        items = split.history(int(u))[-max_len:]
+def recent_items(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(B, max_len) int64 ids (item_idx + 1), each history's newest items right-aligned, 0-padded left."""
+    out = np.zeros((len(histories), max_len), np.int64)
+    for row, history in enumerate(histories):
+        items = np.asarray(history, np.int64)[-max_len:]
         if len(items):
             out[row, max_len - len(items):] = items + 1
     return out

@@ -1,10 +1,16 @@
-"""The evaluation protocol "last-item, full ranking, sparse cohort" (every benchmark uses it).
+"""The evaluation protocol: leave-one-out, full ranking, sparse cohort (every benchmark uses it).
 
 Per user, interactions are ordered by timestamp (ties: file order). Users with >= 3 interactions: the last
 goes to test, the second last to validation, the rest to training; users with fewer train only. A seeded
 share of the evaluated users forms the *sparse cohort*: their training history is cut to their k most recent
 items, k drawn uniformly from `cohort_ks`. Cut interactions are removed from every input (user rows, item
 columns, text), because they simply do not exist in `Split.train_*`.
+
+What a model reads for a user (`Split.model_input`) is the standard leave-one-out input of SASRec, RecBole and
+the text-ID papers: at validation the training history, which ranks the validation item; at test the training
+history *plus the validation item*, which ranks the test item (what a server does with a known user and one
+new interaction). Models are fitted on the training split only: the validation item enters at test as input,
+never as a training example. Ranked: every item outside that input.
 
 A user who consumed the same item twice keeps only the most recent occurrence (counted in `stats`), so a
 held-out item can never also sit in the user's training set, where the ranking would exclude it.
@@ -58,12 +64,24 @@ class Split:
         users = np.repeat(np.arange(self.n_users), np.diff(self.train_indptr))
         return sp.csr_matrix((data, (self.train_items, users)), shape=(self.n_items, self.n_users))
 
-    def exclusions(self, user_idx: int, stage: str) -> np.ndarray:
-        """Items never ranked for this user: the training set, plus the validation item at test."""
-        seen = self.history(user_idx)
+    def model_input(self, user_idx: int, stage: str) -> np.ndarray:
+        """What every model reads for this user at `stage`, oldest first: the training history at 'val'; the
+        training history + the validation item at 'test' (leave-one-out)."""
+        history = self.history(user_idx)
         if stage == "test" and self.val_item[user_idx] >= 0:
-            seen = np.append(seen, self.val_item[user_idx])
-        return seen
+            return np.append(history, self.val_item[user_idx])
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return history
+
+    def model_inputs(self, users: np.ndarray, stage: str) -> list[np.ndarray]:
+        """`model_input` of each user (B,), oldest first."""
+        return [self.model_input(int(u), stage) for u in users]
+
+    def exclusions(self, user_idx: int, stage: str) -> np.ndarray:
+        """Items never ranked for this user: everything the model read (the training set, plus the validation
+        item at test)."""
+        return self.model_input(user_idx, stage)
 
     def targets(self, stage: str) -> np.ndarray:
         if stage not in ("val", "test"):
