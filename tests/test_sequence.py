@@ -42,13 +42,15 @@ def walk_config(tmp_path, variant: str = "dmf", text_model: str = "", example_mo
                   "short_history_prob": 0.0, "example_mode": example_mode}})
 
 
-@pytest.mark.parametrize("example_mode,fusion", [("prefix", "concat"), ("sequence", "concat"),
-                                                ("sequence", "residual")])
-def test_attention_learns_the_direction_of_a_walk(tmp_path, example_mode, fusion):
-    """Known answer: the test item is the walk's next step (two past the training history, validation between);
-    it must rank first for nearly every user, which needs the order of the last items, not just their set."""
+@pytest.mark.parametrize("example_mode,fusion,variant", [("prefix", "concat", "dmf"), ("sequence", "concat", "dmf"),
+                                                        ("sequence", "residual", "dmf"),
+                                                        ("sequence", "residual", "ids")])
+def test_attention_learns_the_direction_of_a_walk(tmp_path, example_mode, fusion, variant):
+    """Known answer: the test item is the walk's next step after the validation item (which the model reads at
+    test); it must rank first for nearly every user, which needs the order of the last items, not just their
+    set. 'ids' is the sequence model with no DMF tower at all."""
     torch.manual_seed(0)
-    cfg = walk_config(tmp_path, example_mode=example_mode, fusion=fusion)
+    cfg = walk_config(tmp_path, variant=variant, example_mode=example_mode, fusion=fusion)
     _, summary = run_local(cfg, prepare_data(cfg, walks()), log=lambda s: None, save=False)
     # The recency-weighted bag (history_encoder=bag) reaches MRR ~0.92 here; attention gets every user right.
     assert summary["test"]["test/overall/mrr"] >= 0.97, summary["test"]
@@ -270,6 +272,20 @@ def test_residual_fusion_starts_as_the_sequence_model(tmp_path, frames, tiny_enc
         tokens = model.history.item_emb(items) + model.history.text_in(model.text.item_text_emb[items])
         rec.refresh()
         torch.testing.assert_close(rec.item_vectors, tokens)
+
+
+def test_variants_without_dmf_build_no_dmf_tower_and_need_residual_fusion(tmp_path, frames, tiny_encoder):
+    """'ids_text': item id + text tokens, no DMF row and no DMF column; an item's vector is exactly its token."""
+    cfg = walk_config(tmp_path, variant="ids_text", text_model=tiny_encoder, fusion="residual",
+                      example_mode="sequence").replace(data={"text_template": "{title}. {genres}"},
+                                                       train={"epochs": 1})
+    rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None, save=False)
+    model = rec.model
+    assert model.dmf_user is None and model.dmf_item is None and model.history.text_in is not None
+    items = torch.arange(5)
+    torch.testing.assert_close(rec.item_vectors[:5], model.history.tokens(items, model.text.item_text_emb))
+    with pytest.raises(ConfigError, match="model.variant='ids' reads no DMF tower.*fusion=residual"):
+        walk_config(tmp_path, variant="ids", fusion="concat")
 
 
 def test_residual_fusion_needs_history_attention(tmp_path):

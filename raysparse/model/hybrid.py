@@ -1,8 +1,9 @@
 """The hybrid recommender: text user vector (+) DMF user vector -> fusion MLP; scored against item vectors.
 
 Variants differ in the user side: 'fused' uses both towers, 'dmf' only the interaction row (Xue et al.'s
-DMF), 'text' only the history text. The item side is always the DMF item tower over the item's column,
-plus the item's cached text embedding when the variant reads text (ModelConfig.item_text).
+DMF), 'text' only the history text. The item side is the DMF item tower over the item's column, plus the
+item's cached text embedding when the variant reads text (ModelConfig.item_text). The ablations 'ids' and
+'ids_text' (residual fusion only) read no DMF tower at all: the sequence model alone, without or with text.
 
 With history attention and fusion='residual' the head is SASRec's instead: the user vector is the attention
 output, an item's vector its own input token (id embedding + projected text), and the DMF row and column are
@@ -40,17 +41,17 @@ class HybridRecommender(nn.Module):
         if cfg.history_encoder == "attention":
             self.history = HistoryAttention(
                 n_items, cfg.attention_dim, cfg.attention_layers, cfg.attention_heads, cfg.dropout,
-                text_hidden=text_tower.hidden_size if cfg.uses_text else 0, use_item_ids=cfg.uses_dmf)
+                text_hidden=text_tower.hidden_size if cfg.uses_text else 0, use_item_ids=cfg.uses_item_ids)
         self.residual = cfg.fusion == "residual"
-        self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout)
+        self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout) if cfg.uses_dmf_items else None
         if self.residual:
             # SASRec's scoring (user = attention output, item = its own input token, tied) with DMF added on both
             # sides through projections that start at zero: training starts from the sequence model.
             width = cfg.attention_dim
             self.fusion = (nn.Sequential(nn.Linear(cfg.dmf_user_layers[-1], d), nn.ReLU(), nn.Dropout(cfg.dropout),
                                          nn.Linear(d, width)) if cfg.uses_dmf else None)
-            self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], width)
-            for layer in ([self.fusion[-1]] if self.fusion is not None else []) + [self.item_proj]:
+            self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], width) if self.dmf_item is not None else None
+            for layer in [m for m in (self.fusion[-1] if self.fusion is not None else None, self.item_proj) if m]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
             self.item_text_proj = self.item_id_proj = None
@@ -124,10 +125,11 @@ class HybridRecommender(nn.Module):
         return [text * keep_text, dmf * keep_dmf]
 
     # ---- item side -------------------------------------------------------------------------------------
-    def _item_out(self, dmf_hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        vec = self.item_proj(dmf_hidden)
+    def _item_out(self, dmf_hidden: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
         if self.residual:
-            return vec + self.history.tokens(items, self.text.item_text_emb if self.text is not None else None)
+            token = self.history.tokens(items, self.text.item_text_emb if self.text is not None else None)
+            return token if self.item_proj is None else token + self.item_proj(dmf_hidden)
+        vec = self.item_proj(dmf_hidden)
         if self.item_text_proj is not None:
             vec = vec + self.item_text_proj(self.text.item_text_emb[items].to(vec.dtype))
         if self.item_id_proj is not None:
@@ -137,6 +139,8 @@ class HybridRecommender(nn.Module):
     def item_vectors(self, items: torch.Tensor, col_users: torch.Tensor, col_offsets: torch.Tensor,
                      col_weights: torch.Tensor) -> torch.Tensor:
         """items (M,) with their columns as bags (users who interacted in training) -> (M, D)."""
+        if self.dmf_item is None:
+            return self._item_out(None, items)
         return self._item_out(self.dmf_item(col_users, col_offsets, col_weights), items)
 
     # ---- scoring ---------------------------------------------------------------------------------------
@@ -173,6 +177,14 @@ class HybridRecommender(nn.Module):
         each target scored from users[target_row] (target_row (N,), returned too; None: N = S, one target a
         row). The target's column loses this user's own entry (its weight: target_col_weight) before the
         target is scored."""
+        if self.dmf_item is None:          # no item column: an item's vector is its own token, nothing to remove
+            cand = self._item_out(None, batch["cand_items"])
+            out = {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"]}
+            if target_row is not None:
+                users = users[target_row]
+                out["target_row"] = target_row
+            out["pos"] = self.score_pairs(users, cand[batch["target_pos"]])
+            return out
         sums = self.dmf_item.bag_sums(batch["col_users"], batch["col_offsets"], batch["col_weights"])
         counts = bag_counts(batch["col_offsets"], batch["col_users"].numel())
         cand = self._item_out(self.dmf_item.head(sums, counts), batch["cand_items"])
