@@ -26,7 +26,8 @@ def bench(dataset, out, *extra: str) -> dict:
     code = main(["bench", "accuracy", "--data", str(dataset), "--seeds", "2", "--fast", "--trainer", "local",
                  "--baselines", "popularity,ease", "--variants", "dmf", "--out", str(out),
                  "--set", "model.attention_dim=16", "--set", "model.fusion_dim=16",
-                 "--set", "model.dmf_user_layers=[16]", "--set", "model.dmf_item_layers=[16]", *extra])
+                 "--set", "model.dmf_user_layers=[16]", "--set", "model.dmf_item_layers=[16]",
+                 *(extra if "--our-grid" in extra else ("--our-grid", "", *extra))])
     assert code == 0
     return json.loads((out / "accuracy.json").read_text())
 
@@ -67,6 +68,29 @@ def test_rows_are_the_models_own_numbers_and_jobs_do_not_change_them(dataset, tm
             for row in result["per_seed"][seed].values():
                 assert len(row["test_ranks"]) == len(split.evaluated_users)
                 assert user_ndcg(row["test_ranks"]).mean() == pytest.approx(row["test"]["test/overall/ndcg@10"])
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_our_grid_is_chosen_on_the_first_seeds_validation_and_used_by_every_row(dataset, tmp_path, jobs):
+    result = bench(dataset, tmp_path / "grid", "--variants", "ids,fused", "--baselines", "",
+                   "--our-grid", "model.dropout=0.0|0.5", "--jobs", jobs)
+    choice = result["our_choice"]
+    grid = choice["grid"]
+    assert list(grid) == ["ours:fused[model.dropout=0.0]", "ours:fused[model.dropout=0.5]"]
+    best = max(grid, key=grid.get)                      # ties keep the first point, as max does
+    assert choice["chosen"] == [best[len("ours:fused["):-1]]
+    # the first seed's fused row is that grid fit itself; every row of ours on every seed uses the choice
+    assert result["per_seed"][0]["ours:fused"]["val"]["val/overall/ndcg@10"] == grid[best]
+    for rows in result["per_seed"]:
+        assert sorted(rows) == ["ours:fused", "ours:ids"]
+        for row in rows.values():
+            assert row["overrides"][-1] == choice["chosen"][0]
+    from raysparse.bench.accuracy import parse_grid
+    from raysparse.errors import UserError
+
+    assert parse_grid("a.b=1|2,c.d=x") == [["a.b=1", "c.d=x"], ["a.b=2", "c.d=x"]] and parse_grid("") == [[]]
+    with pytest.raises(UserError, match="must look like KEY=V1|V2"):
+        parse_grid("model.dropout")
 
 
 def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp_path):

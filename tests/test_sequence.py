@@ -166,7 +166,8 @@ def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
 
     frames = walks(n_users=20, n_items=24, length=8)
     cfg = walk_config(tmp_path, example_mode="sequence").replace(**{"data.max_history": 4,
-                                                                    "train.short_history_prob": 0.5})
+                                                                    "train.short_history_prob": 0.5,
+                                                                    "train.target_gap_max": 1})
     prepared = prepare_data(cfg, frames)
     builder = build_batches(cfg, prepared.split, None)
     users, targets, ends = builder.training_examples("sequence")

@@ -10,7 +10,8 @@ Every baseline follows one small contract so the bench can treat them alike:
 training history at validation, the training history + the validation item at test. Every model scores from
 it alone (EASE: that row times B; iALS: a user vector re-solved from that row; SASRec: that sequence; text: the
 mean of its items' embeddings), so all rows of the bench get the same input. `raysparse.metrics.evaluate`
-removes the input items from the ranking, so `score` returns raw scores for all items. Tuning calls `evaluate(..., stage="val")` only: the test
+removes the input items from the ranking, so `score` returns raw scores for all items.
+Tuning calls `evaluate(..., stage="val")` only: the test
 targets decide nothing (tests/test_baselines.py checks this with a split that raises on any test access).
 """
 

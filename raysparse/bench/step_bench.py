@@ -15,7 +15,8 @@ from raysparse.bench.common import DEFAULT_ML, guess_format, load_frames, print_
 def register_bench(subparsers) -> None:
     p = subparsers.add_parser("step", help="Plain train-step examples/s (MiniLM + DMF on ML latest-small).")
     p.add_argument("--data", default=str(DEFAULT_ML), help="Dataset folder (standard schema or MovieLens).")
-    p.add_argument("--format", default="", help="MovieLens layout of --data; guessed when empty.")
+    p.add_argument("--format", default="", help="Layout of --data (movielens-latest, movielens-1m, movielens-100k, "
+                                                "amazon-json); guessed when empty.")
     p.add_argument("--modes", default="frozen,top,full", help="Fine-tuning modes to compare.")
     p.add_argument("--steps", type=int, default=20, help="Timed steps per mode (after 3 warm-up steps).")
     p.add_argument("--batch-size", type=int, default=64)

@@ -76,9 +76,8 @@ class BatchBuilder:
         """Inputs of each example, newest first, at most max_history items; never contains the target.
 
         With `rng` and target_gap_max > 0 (prefix mode), the history of an example stops g in
-        [0, target_gap_max] items before the target (keeping at least one item). At test time the input is
-        the training history, so the test item comes two steps after it (the validation item sits between):
-        training on gaps teaches the model that case too.
+        [0, target_gap_max] items before the target (keeping at least one item): training on targets further
+        ahead than the next item (train.target_gap_max).
         """
         gaps = np.zeros(len(users), np.int64)
         if rng is not None and mode == "prefix" and self.target_gap_max > 0:

@@ -1,13 +1,13 @@
 """The hybrid recommender: text user vector (+) DMF user vector -> fusion MLP; scored against item vectors.
 
 Variants differ in the user side: 'fused' uses both towers, 'dmf' only the interaction row (Xue et al.'s
-DMF), 'text' only the history text. The item side is the DMF item tower over the item's column, plus the
-item's cached text embedding when the variant reads text (ModelConfig.item_text). The ablations 'ids' and
-'ids_text' (residual fusion only) read no DMF tower at all: the sequence model alone, without or with text.
+DMF), 'text' only the history text. With fusion='concat' the item side is the DMF item tower over the item's
+column, plus the item's cached text embedding when the variant reads text (ModelConfig.item_text).
 
 With history attention and fusion='residual' the head is SASRec's instead: the user vector is the attention
-output, an item's vector its own input token (id embedding + projected text), and the DMF row and column are
-added through zero-initialised projections (ModelConfig.fusion).
+output, an item's vector its own input token (id embedding + projected text), and the DMF row is added to the
+user through a zero-initialised projection (ModelConfig.fusion). The ablations 'ids' and 'ids_text' (residual
+only) read no DMF row: the sequence model alone, without or with text.
 
 Batches are dicts of tensors built by raysparse.data.examples (names and shapes documented there).
 """
@@ -45,16 +45,15 @@ class HybridRecommender(nn.Module):
         self.residual = cfg.fusion == "residual"
         self.dmf_item = SparseMLP(n_users, cfg.dmf_item_layers, cfg.dropout) if cfg.uses_dmf_items else None
         if self.residual:
-            # SASRec's scoring (user = attention output, item = its own input token, tied) with DMF added on both
-            # sides through projections that start at zero: training starts from the sequence model.
+            # SASRec's scoring (user = attention output, item = its own input token, tied) with the DMF row added
+            # to the user through a projection that starts at zero: training starts from the sequence model.
             width = cfg.attention_dim
             self.fusion = (nn.Sequential(nn.Linear(cfg.dmf_user_layers[-1], d), nn.ReLU(), nn.Dropout(cfg.dropout),
                                          nn.Linear(d, width)) if cfg.uses_dmf else None)
-            self.item_proj = nn.Linear(cfg.dmf_item_layers[-1], width) if self.dmf_item is not None else None
-            for layer in [m for m in (self.fusion[-1] if self.fusion is not None else None, self.item_proj) if m]:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-            self.item_text_proj = self.item_id_proj = None
+            if self.fusion is not None:
+                nn.init.zeros_(self.fusion[-1].weight)
+                nn.init.zeros_(self.fusion[-1].bias)
+            self.item_proj = self.item_text_proj = self.item_id_proj = None
         else:
             first_dim = cfg.attention_dim if self.history is not None else cfg.text_dim
             user_in = (first_dim if cfg.uses_text or self.history is not None else 0) + \
@@ -127,8 +126,7 @@ class HybridRecommender(nn.Module):
     # ---- item side -------------------------------------------------------------------------------------
     def _item_out(self, dmf_hidden: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
         if self.residual:
-            token = self.history.tokens(items, self.text.item_text_emb if self.text is not None else None)
-            return token if self.item_proj is None else token + self.item_proj(dmf_hidden)
+            return self.history.tokens(items, self.text.item_text_emb if self.text is not None else None)
         vec = self.item_proj(dmf_hidden)
         if self.item_text_proj is not None:
             vec = vec + self.item_text_proj(self.text.item_text_emb[items].to(vec.dtype))
@@ -177,7 +175,7 @@ class HybridRecommender(nn.Module):
         each target scored from users[target_row] (target_row (N,), returned too; None: N = S, one target a
         row). The target's column loses this user's own entry (its weight: target_col_weight) before the
         target is scored."""
-        if self.dmf_item is None:          # no item column: an item's vector is its own token, nothing to remove
+        if self.dmf_item is None:          # residual: an item's vector is its own token, no column to remove from
             cand = self._item_out(None, batch["cand_items"])
             out = {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"]}
             if target_row is not None:
