@@ -1,8 +1,9 @@
 """End to end through the Ray Jobs API: a local head on 127.0.0.1 (`ray start --head`), `ray job submit`
 of jobs/train.py with the tiny config, wait for SUCCEEDED, load the artifact and recommend, stop the head.
 
-Token authentication stays on (Ray 2.60's default): the CLI client needs RAY_AUTH_MODE=token and reads the
-token from ~/.ray/auth_token (see RAY_NOTES.md). The head runs in its own process group with `--block`, so
+Token authentication stays on (Ray 2.60's default): the CLI client needs RAY_AUTH_MODE=token (see
+RAY_NOTES.md). The head and the client read a token this test writes to its own temp dir (RAY_AUTH_TOKEN_PATH):
+`ray start` creates none when ~/.ray/auth_token is missing, as on a fresh CI machine, and refuses to start. The head runs in its own process group with `--block`, so
 teardown stops exactly this head (never `ray stop`, which would stop every Ray instance on the machine).
 Its own temp dir keeps its address file away from other Ray instances; every port is a free one.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,11 +43,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _env(dashboard_port: int) -> dict:
+def _env(dashboard_port: int, token_path: Path) -> dict:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):   # this head only, and the token below only
+        env.pop(name, None)
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}")
+               RAY_AUTH_TOKEN_PATH=str(token_path), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}")
     return env
 
 
@@ -57,7 +60,10 @@ def head():
         ray.shutdown()
     (gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics) = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rsj", dir="/tmp")            # short: Ray's socket paths are limited
-    env = dict(_env(dashboard), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # teardown: no 30 s drain
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))                       # the form `ray get-auth-token --generate` writes
+    token_path.chmod(0o600)
+    env = dict(_env(dashboard, token_path), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # teardown: no 30 s drain
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
