@@ -1,7 +1,7 @@
 """One typed configuration for every raysparse command.
 
 Sections are frozen dataclasses; every field carries its help text in `metadata["help"]`, so
-`raysparse train --help-config` documents the whole config (the Hugging Face examples do the same).
+`raysparse train --help` lists every key with its help (describe_config() renders it) (the Hugging Face examples do the same).
 Configs come from YAML files plus `--set section.key=value` overrides. Unknown keys, wrong types and
 impossible combinations raise `ConfigError` before anything starts, naming the key and the fix.
 """
@@ -98,9 +98,11 @@ class ModelConfig:
                                "seen items borrow from their text.")
     score: str = _f("dot", "'dot' or 'cosine' between user and item vectors.")
     temperature: float = _f(0.1, "Softmax temperature for cosine scores (ignored for dot).")
-    modality_dropout: float = _f(0.1, "Probability, per training example, of dropping the DMF row (fused only), "
-                                      "so the text path learns to stand alone for very sparse users. With "
-                                      "fusion='residual' it drops the DMF addition, in 'fused' and 'dmf' alike.")
+    modality_dropout: float = _f(0.1, "Probability p, per training example, of dropping one side of the user. "
+                                      "fusion='concat' (fused only): the text part with probability p, "
+                                      "else the DMF part with probability p (never both), so each side learns "
+                                      "to carry a user alone. fusion='residual': the DMF addition, so the "
+                                      "sequence part alone stays a good user.")
     dropout: float = _f(0.1, "Dropout inside the MLPs.")
     recency: bool = _f(True, "Learn a weight per recency slot (newest first) for the DMF row, so the row "
                              "encodes order as well as membership: the next item follows the latest ones.")
@@ -325,14 +327,25 @@ def _example(target: Any) -> str:
     return {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]"}.get(target, "...")
 
 
-def _parse_set_value(text: str) -> Any:
-    # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like.
+def _parse_set_value(text: str, key: str = "") -> Any:
+    # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
+    # string option takes the text as written ("{title}. {genres}" would otherwise be read as YAML mappings).
     import yaml
 
+    if _declared_type(key) == "str":
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _declared_type(dotted: str) -> str:
+    """The declared type of config key 'SECTION.KEY' or 'KEY' as written in the dataclass ('' if unknown)."""
+    section, _, name = dotted.strip().rpartition(".")
+    cls = SECTIONS.get(section) if section else Config
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    return str(fields[name].type) if name in fields else ""
 
 
 def config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -401,7 +414,7 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
         if "=" not in item:
             raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, e.g. model.fusion_dim=64.")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_set_value(value)
+        overrides[key.strip()] = _parse_set_value(value, key)
     return config_from_dict(raw, overrides)
 
 

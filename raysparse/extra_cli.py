@@ -1,4 +1,4 @@
-"""`raysparse serve | query` (and, added by their own issues, `tune | demo`): thin argument parsing.
+"""`raysparse serve | query | tune`: thin argument parsing (`demo` registers itself in raysparse.demo).
 
 Ray is imported only inside the command that needs it; `query` speaks plain HTTP.
 """
@@ -19,11 +19,9 @@ from raysparse.ray_serve import add_serve_arguments, check_artifact, serve_confi
 def register(subparsers) -> None:
     register_serve(subparsers)
     register_query(subparsers)
-    # ---- tune: registered here by the Tune issue (a `register_tune(subparsers)` beside these) ----------------
     from raysparse.ray_tune import register_tune  # Ray is imported only when `tune` runs
 
     register_tune(subparsers)
-    # ---- demo: registered here by the demo issue ---------------------------------------------------------------
 
 
 # ---- serve ------------------------------------------------------------------------------------------------------
