@@ -1,5 +1,8 @@
 """The self-contained serving artifact: everything `Recommender.load` needs, and nothing that unpickles.
 
+This module knows the files; `Recommender.load/save` call it (it never imports the Recommender, so the two do
+not import each other).
+
     <dir>/format.json            {"format": "raysparse-artifact", "version": 1}
     <dir>/config.json            the full Config
     <dir>/model.safetensors      model weights (encoder included) and the cached item text embeddings
@@ -20,11 +23,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from raysparse.build import build_batches
 from raysparse.config import config_from_dict
 from raysparse.data.split import Split
 from raysparse.data.text import ItemText
 from raysparse.data.vocab import Vocab
 from raysparse.errors import UserError
+from raysparse.model.hybrid import HybridRecommender
+from raysparse.model.text import TextTower
 
 FORMAT = "raysparse-artifact"
 VERSION = 1
@@ -61,14 +67,10 @@ def save_artifact(rec, path: str | Path, metrics: dict | None = None) -> Path:
     return path
 
 
-def load_artifact(path: str | Path):
-    """Rebuild the Recommender from an artifact directory (weights via safetensors, never pickle)."""
+def load_artifact(path: str | Path) -> dict:
+    """The Recommender's constructor arguments, rebuilt from an artifact directory (weights via safetensors,
+    never pickle): model, config, users, items, builder, tokenizer, item_table."""
     import pandas as pd
-
-    from raysparse.build import build_batches
-    from raysparse.model.hybrid import HybridRecommender
-    from raysparse.model.text import TextTower
-    from raysparse.recommender import Recommender
 
     path = Path(path)
     fmt_file = path / "format.json"
@@ -104,4 +106,5 @@ def load_artifact(path: str | Path):
         raise UserError(f"artifact {str(path)!r} does not match its config: missing weights {missing[:5]}, "
                         f"unexpected {unexpected[:5]}. Re-export it with this raysparse version.")
     builder = build_batches(config, split, item_text)
-    return Recommender(model, config, users, items, builder, tokenizer, table)
+    return dict(model=model, config=config, users=users, items=items, builder=builder, tokenizer=tokenizer,
+                item_table=table)

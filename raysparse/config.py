@@ -280,7 +280,7 @@ class Config:
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "ray": RayConfig}
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def coerce_value(key: str, value: Any, annotation: Any) -> Any:
     """Convert YAML/--set values to the field's declared type, or raise a ConfigError naming the key."""
     target = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(str(annotation), annotation)
     if target is bool:
@@ -327,7 +327,7 @@ def _example(target: Any) -> str:
     return {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]"}.get(target, "...")
 
 
-def _parse_set_value(text: str, key: str = "") -> Any:
+def parse_set_value(text: str, key: str = "") -> Any:
     # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
     # string option takes the text as written ("{title}. {genres}" would otherwise be read as YAML mappings).
     import yaml
@@ -374,7 +374,7 @@ def config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = None) 
                 raise ConfigError(f"Config section '{key}' must be a mapping of keys, got {value!r}.")
             kwargs[key] = _section_from_dict(key, SECTIONS[key], value)
         else:
-            kwargs[key] = _coerce(key, value, top_fields[key].type)
+            kwargs[key] = coerce_value(key, value, top_fields[key].type)
     return Config(**kwargs)
 
 
@@ -387,7 +387,7 @@ def _section_from_dict(section: str, cls: type, values: dict) -> Any:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown config key '{section}.{key}'.{hint} "
                               f"Known keys of '{section}': {', '.join(fields)}.")
-        kwargs[key] = _coerce(f"{section}.{key}", value, fields[key].type)
+        kwargs[key] = coerce_value(f"{section}.{key}", value, fields[key].type)
     return cls(**kwargs)
 
 
@@ -414,7 +414,7 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
         if "=" not in item:
             raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, e.g. model.fusion_dim=64.")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_set_value(value, key)
+        overrides[key.strip()] = parse_set_value(value, key)
     return config_from_dict(raw, overrides)
 
 

@@ -56,7 +56,7 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
         return metrics
 
     history = train_local(config, prepared, rec.model, rec.builder,
-                          log=lambda r: log(_epoch_line(r)), evaluate_fn=on_epoch)
+                          log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
     rec.model.load_state_dict(best["state"])
     val = validation_metrics(rec, prepared, "val", sampled=True)
     test = validation_metrics(rec, prepared, "test", sampled=True)
@@ -71,7 +71,7 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     return rec, summary
 
 
-def _epoch_line(record: dict) -> str:
+def epoch_line(record: dict) -> str:
     keys = ["val/overall/ndcg@10", "val/warm/ndcg@10", "val/cohort/ndcg@10", "val/overall/hr@10"]
     shown = " ".join(f"{k.split('/', 1)[1]}={record[k]:.4f}" for k in keys if k in record)
     return (f"epoch {record['epoch']}: loss={record['loss']:.4f} {record['examples_per_s']:.0f} ex/s "

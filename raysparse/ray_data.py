@@ -211,10 +211,10 @@ def _validate_block(batch, catalogue_ref, rating_range: tuple[float, float]) -> 
     """Core row rules on one block (a pyarrow Table, converted to pandas as the core's reader does, so
     the parsers see the same dtypes). Out: good rows (user_id str, item_idx, timestamp, rating, _report="")
     followed by one report row whose `_report` holds this block's counts and samples as JSON."""
-    from raysparse.data.io import _to_pandas
+    from raysparse.data.io import arrow_to_pandas
 
     catalogue = ray.get(catalogue_ref) if isinstance(catalogue_ref, ray.ObjectRef) else catalogue_ref
-    frame = _to_pandas(batch).rename(columns={"path": "_source"})
+    frame = arrow_to_pandas(batch).rename(columns={"path": "_source"})
     frame["_source"] = frame["_source"].map(lambda p: Path(str(p)).name)
     frame["_line"] = _UNKNOWN_LINE
     good, report = validate_interactions(frame, "interaction log", catalogue=catalogue, on_bad_rows="quarantine",

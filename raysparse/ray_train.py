@@ -55,6 +55,7 @@ import torch
 from raysparse.config import Config, config_from_dict
 from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
+from raysparse.local import epoch_line
 from raysparse.metrics import ScoreFn
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, epochs_since_best
@@ -171,7 +172,7 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict, total_
     return engine
 
 
-def _batch_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Move a batch; float inputs (history/column weights) take the engine's dtype (bf16/fp16 modules need
     EmbeddingBag weights of their own dtype)."""
     out = {}
@@ -305,7 +306,7 @@ def check_run_folder(run_dir: str, resume: bool, epochs: int | None = None) -> N
                               f"{epochs}; raise train.epochs (e.g. --set train.epochs={done + 1}) to train more.")
 
 
-def _absolute_paths(config: Config) -> Config:
+def absolute_paths(config: Config) -> Config:
     """Workers do not run in the driver's folder: local paths in the config become absolute."""
     overrides: dict[str, Any] = {"output": str(Path(config.output).resolve())}
     text_model = config.model.text_model
@@ -398,12 +399,6 @@ class EpochLog:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def _epoch_line(record: dict) -> str:
-    from raysparse.local import _epoch_line as line  # one console format for local and Ray runs
-
-    return line(record)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -500,7 +495,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, (users, targets, positions) in zip(range(steps), examples_iter):
             stamps.append(time.perf_counter())
             cpu_stamps.append(time.process_time())
-            batch = _batch_to(builder.training_batch(users, targets, positions, tc.example_mode, rng), device, dtype)
+            batch = batch_to_device(builder.training_batch(users, targets, positions, tc.example_mode, rng), device, dtype)
             loss = compute_loss(engine(batch), tc.loss)
             engine.backward(loss)
             engine.step()
@@ -542,7 +537,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append(record)
         if log is not None:
             log.add(record, history)
-            say(_epoch_line(record))
+            say(epoch_line(record))  # one console format for local and Ray runs
         with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as tmp:
             engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag="state")
             if rank == 0:
@@ -669,7 +664,7 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     from raysparse.ray_data import prepare_for_ray
 
     t0 = time.perf_counter()
-    config = _absolute_paths(config)
+    config = absolute_paths(config)
     ds_config = check_static(config)
     storage, run_dir = run_location(config)
     check_run_folder(run_dir, resume, config.train.epochs)

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from raysparse.config import SECTIONS, Config, _coerce, _parse_set_value, config_from_dict
+from raysparse.config import SECTIONS, Config, coerce_value, parse_set_value, config_from_dict
 from raysparse.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def tune_config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = N
     for key, value in raw.items():
         if key not in fields or key == "space":
             raise ConfigError(f"Unknown config key 'tune.{key}'. Known keys of 'tune': {', '.join(fields)}.")
-        kwargs[key] = _coerce(f"tune.{key}", value, fields[key].type)
+        kwargs[key] = coerce_value(f"tune.{key}", value, fields[key].type)
     return TuneConfig(**kwargs)
 
 
@@ -331,9 +331,9 @@ def load_tune_config(path: str | Path | None, sets: list[str] | None = None) -> 
         key, value = item.split("=", 1)
         key = key.strip()
         if key.startswith("tune."):
-            tune_sets[key[len("tune."):]] = _parse_set_value(value)
+            tune_sets[key[len("tune."):]] = parse_set_value(value)
         else:
-            run_sets[key] = _parse_set_value(value)
+            run_sets[key] = parse_set_value(value)
     config = config_from_dict(raw, run_sets)
     if isinstance(tune_raw, dict) and not tune_raw.get("space"):
         tune_raw = dict(tune_raw, space=default_space(config))
@@ -873,11 +873,11 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     from ray import tune
 
     from raysparse.ray_data import prepare_for_ray
-    from raysparse.ray_train import (SELECT_METRIC, _absolute_paths, check_before_start, check_static,
+    from raysparse.ray_train import (SELECT_METRIC, absolute_paths, check_before_start, check_static,
                                      cluster_capacity, connect, deepspeed_config, training_dataset)
 
     t0 = time.perf_counter()
-    config = _absolute_paths(config)
+    config = absolute_paths(config)
     params = check_tune(config, tc)
     check_static(config)
     for p in params:  # every option's DeepSpeed config (train.lr etc. feed it)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from raysparse.artifact import load_artifact, save_artifact
 from raysparse.config import Config
 from raysparse.data.examples import BatchBuilder, all_item_bags
 from raysparse.data.vocab import Vocab
@@ -49,13 +50,9 @@ class Recommender:
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Recommender":
-        from raysparse.artifact import load_artifact
-
-        return load_artifact(path)
+        return cls(**load_artifact(path))
 
     def save(self, path: str | Path, metrics: dict | None = None) -> Path:
-        from raysparse.artifact import save_artifact
-
         return save_artifact(self, path, metrics)
 
     @contextlib.contextmanager

@@ -323,7 +323,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     from raysparse.data.synthetic import generate_synthetic
     from raysparse.data.text import render_item_texts
     from raysparse.errors import ConfigError
-    from raysparse.ray_train import _batch_to, build_engine, deepspeed_config, engine_dtype
+    from raysparse.ray_train import batch_to_device, build_engine, deepspeed_config, engine_dtype
     from raysparse.step import compute_loss
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -389,7 +389,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         if step == args.warmup:
             _sync(device)
             t_start = time.perf_counter()
-        batch = _batch_to(batch, device, engine_dt)
+        batch = batch_to_device(batch, device, engine_dt)
         loss = compute_loss(engine(batch), config.train.loss)
         engine.backward(loss)
         engine.step()

@@ -203,7 +203,7 @@ def _jsonl_frame(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """(rows, their 1-based line numbers)."""
     lines = _blank_line_numbers(path)
     try:
-        frame = _to_pandas(pa_json.read_json(path))
+        frame = arrow_to_pandas(pa_json.read_json(path))
     except pa.ArrowInvalid:
         # pyarrow needs one type per column; a column mixing 1 and "a" needs the slower pandas reader,
         # which keeps each value's own type (object column) for validation to sort out.
@@ -229,7 +229,7 @@ def _jsonl_frame(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     return frame, lines
 
 
-def _to_pandas(table: pa.Table) -> pd.DataFrame:
+def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
     """Arrow -> pandas, keeping integer columns with gaps as nullable Int64 rather than float64, so an id
     column with one empty cell stays exact and samples show `item_id=5`, not `5.0`."""
     frame = table.to_pandas()
@@ -243,7 +243,7 @@ def _read_one(path: Path, newlines_in_values: bool) -> pd.DataFrame:
     kind = FORMATS[path.suffix.lower()]
     if kind == "parquet":
         try:
-            frame = _to_pandas(pq.read_table(path))
+            frame = arrow_to_pandas(pq.read_table(path))
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"{path}: cannot read as parquet ({err}); check the file is complete.") from None
         lines = np.arange(1, len(frame) + 1, dtype=np.int64)
@@ -253,7 +253,7 @@ def _read_one(path: Path, newlines_in_values: bool) -> pd.DataFrame:
         if binary:  # pyarrow falls back to bytes for text that is not UTF-8
             raise DataError(f"{path}: column(s) {binary} are not valid UTF-8 text; re-save the file as UTF-8 "
                             f"(MovieLens 100k/1M files are latin-1: convert them with `raysparse data convert`).")
-        frame = _to_pandas(table)
+        frame = arrow_to_pandas(table)
         lines = np.arange(2, len(frame) + 2, dtype=np.int64)  # line 1 is the header
     else:
         frame, lines = _jsonl_frame(path)
