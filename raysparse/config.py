@@ -96,8 +96,6 @@ class ModelConfig:
                               "attention_dim entries).")
     item_text: bool = _f(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
                                "seen items borrow from their text.")
-    score: str = _f("dot", "'dot' or 'cosine' between user and item vectors.")
-    temperature: float = _f(0.1, "Softmax temperature for cosine scores (ignored for dot).")
     modality_dropout: float = _f(0.1, "Probability p, per training example, of dropping one side of the user. "
                                       "fusion='concat' (fused only): the text part with probability p, "
                                       "else the DMF part with probability p (never both), so each side learns "
@@ -106,8 +104,6 @@ class ModelConfig:
     dropout: float = _f(0.1, "Dropout inside the MLPs.")
     recency: bool = _f(True, "Learn a weight per recency slot (newest first) for the DMF row, so the row "
                              "encodes order as well as membership: the next item follows the latest ones.")
-    gate: bool = _f(False, "Fused only: scale the text and DMF user vectors by a gate learned from the "
-                           "history length, so very short histories can lean on text.")
     history_encoder: str = _f("bag", "How the user side reads the history. 'bag': recency-weighted pooling (text "
                                      "tower) and the DMF row. 'attention': a small transformer over the history "
                                      "in order, one token per item = its learned embedding (variants with DMF) + "
@@ -128,7 +124,6 @@ class ModelConfig:
         _choice("model.variant", self.variant, ("fused", "dmf", "text", "ids", "ids_text"))
         _choice("model.pooling", self.pooling, ("cls", "mean"))
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
-        _choice("model.score", self.score, ("dot", "cosine"))
         _choice("model.history_encoder", self.history_encoder, ("bag", "attention"))
         _choice("model.fusion", self.fusion, ("concat", "residual"))
         if self.fusion == "residual" and self.history_encoder != "attention":
@@ -147,7 +142,7 @@ class ModelConfig:
             raise ConfigError("model.history_encoder='attention' reads the cached item text embeddings, so the "
                               f"encoder would not train: set model.finetune=frozen (got {self.finetune!r}), or "
                               "keep history_encoder='bag' to fine-tune the encoder on the history text.")
-        for name in ("text_dim", "fusion_dim", "temperature"):
+        for name in ("text_dim", "fusion_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.finetune_top_layers", self.finetune_top_layers, allow_zero=True)
         for name in ("dmf_user_layers", "dmf_item_layers"):
@@ -378,10 +373,27 @@ def config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = None) 
     return Config(**kwargs)
 
 
+# Options that were removed, with the one value that keeps today's behaviour (None: any value does, the option
+# had no effect without another removed one). Saved artifacts and old configs that carry them still load;
+# asking for the removed behaviour is an error that says so.
+REMOVED_OPTIONS = {
+    "model.gate": (False, "no config, test or benchmark used it"),
+    "model.score": ("dot", "scores are dot products; 'cosine' was never used by a config, test or benchmark"),
+    "model.temperature": (None, "it scaled cosine scores only"),
+}
+
+
 def _section_from_dict(section: str, cls: type, values: dict) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        removed = REMOVED_OPTIONS.get(f"{section}.{key}")
+        if removed is not None and key not in fields:
+            kept, why = removed
+            if kept is None or value == kept:
+                continue
+            raise ConfigError(f"{section}.{key}={value!r}: this option was removed ({why}). Delete the key "
+                              f"from the config" + (f", or set it to {kept!r}." if kept is not None else "."))
         if key not in fields:
             close = [k for k in fields if k.startswith(key[:3])]
             hint = f" Did you mean {', '.join(close)}?" if close else ""

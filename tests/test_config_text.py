@@ -73,3 +73,14 @@ def test_user_text_is_newest_first_truncated_and_closed_with_sep():
     assert text.user_tokens([2, 0, 1], max_length=7) == [1, 30, 31, 32, 2, 10, 2]
     assert text.user_tokens([2, 0, 1], max_length=6) == [1, 30, 31, 32, 2]
     assert text.user_tokens([2, 0, 1], max_length=4) == [1, 30, 31, 2]
+
+
+def test_removed_options_load_at_their_kept_value_and_refuse_the_removed_behaviour():
+    # Artifacts saved before model.gate / model.score / model.temperature were removed carry them at the
+    # value that behaves as today: those still load. Asking for the removed behaviour says so.
+    cfg = config_from_dict({"model": {"gate": False, "score": "dot", "temperature": 0.1}})
+    assert not hasattr(cfg.model, "gate") and not hasattr(cfg.model, "score")
+    with pytest.raises(ConfigError, match=r"model.gate=True: this option was removed .* or set it to False"):
+        config_from_dict({"model": {"gate": True}})
+    with pytest.raises(ConfigError, match=r"model.score='cosine': this option was removed"):
+        config_from_dict({"model": {"score": "cosine"}})

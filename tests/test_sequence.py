@@ -95,6 +95,23 @@ def test_attention_with_a_fine_tuned_text_tower_is_refused(tmp_path):
         walk_config(tmp_path, attention_heads=3)
 
 
+def test_bce_loss_is_dmf_binary_cross_entropy_with_negatives_averaged_per_example():
+    import math
+
+    from raysparse.step import compute_loss
+
+    # All logits 0: -log sigmoid(0) for the target + the mean of -log(1 - sigmoid(0)) over valid negatives
+    # = 2 log 2 per example, whatever the number of valid negatives; an example without one keeps log 2.
+    pos, cand = torch.zeros(3), torch.zeros(3, 4)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    got = compute_loss({"pos": pos, "cand": cand, "neg_mask": mask}, "bce")
+    assert math.isclose(float(got), (2 * math.log(2) * 2 + math.log(2)) / 3, rel_tol=1e-6)
+    # A confident, correct example (target +10, negatives -10) costs almost nothing.
+    sure = compute_loss({"pos": torch.tensor([10.0]), "cand": torch.full((1, 4), -10.0),
+                         "neg_mask": torch.ones(1, 4, dtype=torch.bool)}, "bce")
+    assert float(sure) < 1e-4
+
+
 def test_softmax_loss_is_cross_entropy_over_the_target_and_its_valid_negatives():
     from raysparse.step import compute_loss
 

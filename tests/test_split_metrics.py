@@ -92,3 +92,14 @@ def test_evaluate_groups_and_excludes_validation_item_at_test():
     assert val["overall"]["mrr"] == 1.0     # p, q are training items: excluded, r ranks first
     assert test["overall"]["mrr"] == 1.0    # r is the validation item: excluded at test, s ranks first
     assert set(val) == {"overall", "warm", "cohort"}
+
+
+def test_use_ratings_weights_training_items_by_rating_over_the_maximum():
+    # DMF's normalisation: weight = rating / max rating; without use_ratings every interaction weighs 1.
+    frame = pd.DataFrame({"user_id": ["a"] * 4, "item_id": ["w", "x", "y", "z"], "timestamp": [1, 2, 3, 4],
+                          "rating": [2.0, 5.0, 4.0, 1.0]})
+    log = index_interactions(frame, pd.DataFrame({"item_id": ["w", "x", "y", "z"]}))
+    rated = split_last_item(log, cohort_fraction=0.0, use_ratings=True)
+    assert log.items.to_raw(rated.history(0)) == ["w", "x"]
+    assert rated.train_weights.tolist() == pytest.approx([0.4, 1.0])      # float32
+    assert split_last_item(log, cohort_fraction=0.0).train_weights.tolist() == [1.0, 1.0]

@@ -15,7 +15,6 @@ Batches are dicts of tensors built by raysparse.data.examples (names and shapes 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raysparse.config import ModelConfig
@@ -70,11 +69,6 @@ class HybridRecommender(nn.Module):
         # over a sequence give every prefix's row as a running sum.)
         self.row_recency = (nn.Parameter(torch.zeros(max_history))
                             if cfg.uses_dmf and cfg.recency and self.history is None else None)
-        # Gate from log(1 + history length) to a scale for each of the two user parts (starts at 1, 1).
-        self.gate = nn.Linear(1, 2) if cfg.variant == "fused" and cfg.gate else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
 
     # ---- user side -------------------------------------------------------------------------------------
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -92,14 +86,10 @@ class HybridRecommender(nn.Module):
                 slots = batch["hist_pos"].clamp(max=len(self.row_recency) - 1)
                 weights = weights * torch.exp(self.row_recency[slots])
             parts.append(self.dmf_user(batch["hist_items"], batch["hist_offsets"], weights))
-        counts = bag_counts(batch["hist_offsets"], batch["hist_items"].numel())
-        return self._fuse(parts, counts)
+        return self._fuse(parts)
 
-    def _fuse(self, parts: list[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
-        """User parts (B, *) each, history lengths (B,) -> (B, D): gate, modality dropout, fusion MLP."""
-        if self.gate is not None:
-            scale = 2 * torch.sigmoid(self.gate(torch.log1p(counts.to(parts[0].dtype))[:, None]))  # 1 at init
-            parts = [parts[0] * scale[:, :1], parts[1] * scale[:, 1:]]
+    def _fuse(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """User parts (B, *) each, history lengths (B,) -> (B, D): modality dropout, fusion."""
         if self.residual:
             if len(parts) == 1:
                 return parts[0]
@@ -144,14 +134,10 @@ class HybridRecommender(nn.Module):
     # ---- scoring ---------------------------------------------------------------------------------------
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, D) x (M, D) -> (B, M) logits."""
-        if self.cfg.score == "cosine":
-            return F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / self.cfg.temperature
         return users @ items.T
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, D) x (B, D) -> (B,) logits of matching rows."""
-        if self.cfg.score == "cosine":
-            return (F.normalize(users, dim=-1) * F.normalize(items, dim=-1)).sum(-1) / self.cfg.temperature
         return (users * items).sum(-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -233,4 +219,4 @@ class HybridRecommender(nn.Module):
             running_sums = (self.dmf_user.bag.weight[seq.clamp(min=0)] * w).cumsum(1)          # (B, L, H)
             sums = running_sums[rows, cols] - running_sums[rows, prev.clamp(min=0)] * use_prev[:, None]
             parts.append(self.dmf_user.head(sums, counts))
-        return self._fuse(parts, counts)
+        return self._fuse(parts)
