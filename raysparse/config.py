@@ -96,6 +96,15 @@ class ModelConfig:
                               "attention_dim entries).")
     item_text: bool = _f(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
                                "seen items borrow from their text.")
+    text_prior: float = _f(0.0, "Weight w0 of a zero-shot text prior added when scoring (variants with text): "
+                                "score = z(model score) + w * z(cosine between the mean frozen text embedding "
+                                "of the user's input items and each item's), z standardising each user's row "
+                                "over the catalogue, the way 'EASE + text' blends. A user's few items say "
+                                "little to the trained model and a lot through their text. 0: off. Chosen on "
+                                "validation after training with train.choose_text_prior.")
+    text_prior_items: float = _f(0.0, "How the text prior fades as the input grows: w = text_prior * h / (h + n) "
+                                      "for an input of n items, h = this value (0: w = text_prior for every "
+                                      "input). Chosen with text_prior.")
     modality_dropout: float = _f(0.1, "Probability p, per training example, of dropping one side of the user. "
                                       "fusion='concat' (fused only): the text part with probability p, "
                                       "else the DMF part with probability p (never both), so each side learns "
@@ -145,6 +154,8 @@ class ModelConfig:
         for name in ("text_dim", "fusion_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.finetune_top_layers", self.finetune_top_layers, allow_zero=True)
+        for name in ("text_prior", "text_prior_items"):
+            _positive(f"model.{name}", getattr(self, name), allow_zero=True)
         for name in ("dmf_user_layers", "dmf_item_layers"):
             widths = getattr(self, name)
             if not widths or any((not isinstance(w, int)) or w < 1 for w in widths):
@@ -205,6 +216,10 @@ class TrainConfig:
     warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up; linear decay after.")
     seed: int = _f(0, "Seed of initialisation, shuffling and negative sampling.")
     eval_batch_size: int = _f(256, "Users scored at once in full-ranking evaluation.")
+    choose_text_prior: bool = _f(False, "After training (variants with text), choose model.text_prior from "
+                                        "{0, 0.25, 0.5, 1, 2, 4} and model.text_prior_items from {0, 2, 8} by "
+                                        "validation NDCG@10 (one scoring pass; 0 keeps the model alone). The "
+                                        "artifact keeps the choice. configs/accuracy.yaml turns it on.")
     max_steps_per_epoch: int = _f(0, "Cap on steps per epoch (0 = no cap); for smoke tests and benchmarks.")
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from raysparse.config import Config
 from raysparse.metrics import evaluate, flatten
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, train_local
+from raysparse.text_prior import choose_text_prior
 
 
 def item_table(prepared: Prepared) -> pd.DataFrame:
@@ -58,6 +59,8 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     history = train_local(config, prepared, rec.model, rec.builder,
                           log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
     rec.model.load_state_dict(best["state"])
+    if config.train.choose_text_prior:
+        apply_text_prior_choice(rec, prepared, log)
     val = validation_metrics(rec, prepared, "val", sampled=True)
     test = validation_metrics(rec, prepared, "test", sampled=True)
     summary = {"history": history, "best_epoch": best["epoch"], "val": val, "test": test,
@@ -69,6 +72,22 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         log(f"artifact: {out / 'artifact'}")
     return rec, summary
+
+
+def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[[str], None] = print) -> None:
+    """Choose model.text_prior / text_prior_items on validation (train.choose_text_prior) and set them on
+    `rec.config`, so the scores, the metrics and the saved artifact all carry the choice."""
+    if rec.model.text is None:
+        return
+    rec.refresh()
+    split = prepared.split
+    (weight, items), table = choose_text_prior(
+        lambda users, inputs: rec.score_users(users, inputs, text_prior=False), rec.text_prior_scores, split,
+        split.evaluated_users, rec.config.data.max_history, rec.config.train.eval_batch_size)
+    rec.config = rec.config.replace(**{"model.text_prior": weight, "model.text_prior_items": items})
+    shown = " ".join(f"{w:g}/{h:g}={v:.4f}" for (w, h), v in table.items())
+    log(f"text prior chosen on validation: text_prior={weight:g} text_prior_items={items:g} "
+        f"(val NDCG@10 by text_prior/text_prior_items: {shown})")
 
 
 def epoch_line(record: dict) -> str:

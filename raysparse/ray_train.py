@@ -55,7 +55,7 @@ import torch
 from raysparse.config import Config, config_from_dict
 from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
-from raysparse.local import epoch_line
+from raysparse.local import apply_text_prior_choice, epoch_line
 from raysparse.metrics import ScoreFn
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, epochs_since_best
@@ -698,6 +698,9 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
 
     rec = Recommender.load(artifact)
     rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
+    if config.train.choose_text_prior and rec.model.text is not None:
+        apply_text_prior_choice(rec, prepared, log)        # chosen on validation, kept in the artifact's config
+        (artifact / "config.json").write_text(json.dumps(rec.config.to_dict(), indent=2))
     val = validation_metrics(rec, prepared, "val", sampled=True)
     test = validation_metrics(rec, prepared, "test", sampled=True)
     best_epoch = int(best_metrics["epoch"])

@@ -25,6 +25,7 @@ from raysparse.data.examples import BatchBuilder, all_item_bags
 from raysparse.data.vocab import Vocab
 from raysparse.errors import UserError
 from raysparse.model.hybrid import HybridRecommender
+from raysparse.text_prior import blend, input_lengths, text_scores
 
 MAX_K = 1000
 
@@ -75,6 +76,24 @@ class Recommender:
             vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
                     for b in all_item_bags(self.builder)]
         self.item_vectors = torch.cat(vecs).float()
+        # The text prior's item side: the frozen item text embeddings, unit length (variants with text).
+        text = getattr(self.model, "text", None)
+        self.unit_item_text = (torch.nn.functional.normalize(text.item_text_emb.detach().float(), dim=-1)
+                               if text is not None else None)
+
+    def with_text_prior(self, scores: torch.Tensor, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
+        """`scores` blended with the zero-shot text prior of each input (model.text_prior; unchanged when 0)."""
+        mc = self.config.model
+        if not mc.text_prior or getattr(self, "unit_item_text", None) is None:   # DeviceRecommender: no prior
+            return scores
+        max_items = self.config.data.max_history
+        prior = text_scores(self.unit_item_text, histories_newest_first, max_items)
+        return blend(scores, prior, input_lengths(histories_newest_first, max_items), mc.text_prior,
+                     mc.text_prior_items)
+
+    def text_prior_scores(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, I) the standardised text prior alone (what `choose_text_prior` weighs)."""
+        return text_scores(self.unit_item_text, histories_newest_first, self.config.data.max_history)
 
     # ---- scoring (index space) ----------------------------------------------------------------------------
     def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,12 +101,14 @@ class Recommender:
             users = self.model.user_vectors(inputs).float()
             return self.model.score(users, self.item_vectors)
 
-    def score_users(self, user_idx: np.ndarray, histories: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+    def score_users(self, user_idx: np.ndarray, histories: Sequence[np.ndarray] | None = None,
+                    text_prior: bool = True) -> torch.Tensor:
         """(B, I) scores for known users (the evaluation entry point, a `raysparse.metrics.ScoreFn`).
 
         histories: each user's input, oldest first, as the protocol gives it (`Split.model_input`: the training
         history, + the validation item at test); None reads the training histories. Items beyond the training
         history are new interactions (weight 1), read through the same path as a served fold-in.
+        text_prior=False: the model's scores alone, without model.text_prior.
         """
         items, weights = self.builder.user_histories([int(u) for u in user_idx])
         if histories is not None:
@@ -99,10 +120,12 @@ class Recommender:
                 extra = np.asarray(given[len(known):], np.int64)[::-1]      # newest first
                 items[row] = np.concatenate([extra, items[row]])
                 weights[row] = np.concatenate([np.ones(len(extra), np.float32), weights[row]])
-        return self.score_inputs(self.builder.user_inputs(items, weights))
+        scores = self.score_inputs(self.builder.user_inputs(items, weights))
+        return self.with_text_prior(scores, items) if text_prior else scores
 
     def score_histories(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.score_inputs(self.builder.user_inputs(list(histories_newest_first)))
+        scores = self.score_inputs(self.builder.user_inputs(list(histories_newest_first)))
+        return self.with_text_prior(scores, histories_newest_first)
 
     def encode_query_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         """(B, H) encoder embeddings of free texts, and whether each was truncated to max_length."""

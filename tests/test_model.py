@@ -151,6 +151,47 @@ def test_test_stage_scores_read_the_validation_item_as_a_served_fold_in(trained)
         rec.score_users(users[:1], [np.array([split.val_item[users[0]]])])
 
 
+def test_text_prior_reaches_every_scoring_path_and_the_artifact(trained, tmp_path):
+    """model.text_prior blends the same way for evaluation (score_users), a served fold-in (recommend) and a
+    reloaded artifact; 0 leaves the model's scores untouched."""
+    rec, _ = trained
+    split = rec.builder.split
+    users = split.evaluated_users[:4]
+    inputs = split.model_inputs(users, "test")
+    plain = rec.score_users(users, inputs)
+    assert rec.config.model.text_prior == 0.0
+    torch.testing.assert_close(plain, rec.score_users(users, inputs, text_prior=False))
+    original = rec.config
+    try:
+        rec.config = rec.config.replace(**{"model.text_prior": 1.0, "model.text_prior_items": 2.0})
+        blended = rec.score_users(users, inputs)
+        assert not torch.allclose(blended, plain)
+        for row, u in enumerate(users):
+            served = rec.recommend(user_ids=[rec.users.raw_ids[u]],
+                                   histories=[[rec.items.raw_ids[split.val_item[u]]]], k=5, exclude_seen=False)[0]
+            assert [r.item_id for r in served] == [rec.items.raw_ids[int(i)] for i in torch.topk(blended[row], 5).indices]
+        loaded = Recommender.load(rec.save(tmp_path / "artifact"))
+        assert loaded.config.model.text_prior == 1.0 and loaded.config.model.text_prior_items == 2.0
+        torch.testing.assert_close(loaded.score_users(users, inputs), blended, atol=1e-4, rtol=1e-4)
+    finally:
+        rec.config = original
+
+
+def test_choose_text_prior_sets_the_validation_choice_on_the_trained_model(frames, tiny_encoder, tmp_path):
+    cfg = config_from_dict({
+        "output": str(tmp_path), "data": {"text_template": "{title}. {genres}", "max_length": 24},
+        "model": {"variant": "fused", "text_model": tiny_encoder, "finetune": "frozen", "text_dim": 16,
+                  "fusion_dim": 16, "dmf_user_layers": [16], "dmf_item_layers": [16]},
+        "train": {"epochs": 1, "batch_size_per_worker": 64, "negatives_per_positive": 16,
+                  "choose_text_prior": True}})
+    lines = []
+    rec, summary = run_local(cfg, prepare_data(cfg, frames), log=lines.append)
+    chosen = [line for line in lines if line.startswith("text prior chosen on validation")]
+    assert len(chosen) == 1 and "0/0=" in chosen[0]
+    weight = rec.config.model.text_prior
+    assert f"text_prior={weight:g} " in chosen[0]
+    assert Recommender.load(tmp_path / "artifact").config.model.text_prior == weight
+
 def test_artifact_round_trip_scores_equal_and_no_pickles(trained):
     rec, path = trained
     loaded = Recommender.load(path)

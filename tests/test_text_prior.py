@@ -1,0 +1,60 @@
+"""The zero-shot text prior (model.text_prior) and its choice on validation, with planted known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raysparse.data.dataset import index_interactions
+from raysparse.data.split import split_last_item
+from raysparse.text_prior import choose_text_prior, prior_weights, standardize, text_scores
+
+
+def test_prior_weight_fades_with_the_input_length_and_is_constant_when_items_is_zero():
+    assert prior_weights([0, 2, 6], 2.0, 2.0)[:, 0].tolist() == [2.0, 1.0, 0.5]     # 2 * 2 / (2 + n)
+    assert prior_weights([1, 50], 0.5, 0.0)[:, 0].tolist() == [0.5, 0.5]
+    rows = standardize(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    assert torch.allclose(rows[0], torch.tensor([-1.0, 0.0, 1.0])) and rows[1].abs().max() == 0
+
+
+def _planted():
+    # 3 topics x 3 items; user t reads 3t, then 3t+1 (validation), then 3t+2 (test). Item 3t+1's text equals
+    # 3t's; 3t+2 shares only the topic. The model's scores carry nothing (constant rows).
+    rows = [(f"u{t}", f"i{3 * t + j}", j) for t in range(3) for j in range(3)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    log = index_interactions(frame, pd.DataFrame({"item_id": [f"i{i}" for i in range(9)]}))
+    split = split_last_item(log, cohort_fraction=0.0)
+    topic, own = torch.eye(3), torch.eye(2)
+    emb = []
+    for i in range(9):
+        side = own[0] if i % 3 in (0, 1) else own[1]
+        emb.append(torch.cat([topic[i // 3], 0.5 * side]))
+    unit = torch.nn.functional.normalize(torch.stack(emb), dim=-1)
+    return split, unit
+
+
+def test_text_prior_ranks_the_item_whose_text_matches_the_input_first():
+    split, unit = _planted()
+    histories = [split.history(u)[::-1] for u in range(3)]
+    prior = text_scores(unit, histories, max_items=50)
+    for u in range(3):
+        order = torch.argsort(prior[u], descending=True).tolist()
+        assert set(order[:2]) == {3 * u, 3 * u + 1}      # the input's item and its text twin (equal scores)
+        assert order[2] == 3 * u + 2                      # same topic, other text
+
+
+def test_choice_on_validation_takes_the_prior_when_only_text_knows_and_declines_it_otherwise():
+    split, unit = _planted()
+    users = split.evaluated_users
+    prior_fn = lambda histories: text_scores(unit, histories, 50)
+    blank = lambda u, inputs: torch.zeros(len(u), split.n_items)
+    (weight, items), table = choose_text_prior(blank, prior_fn, split, users, max_items=50)
+    assert (weight, items) == (0.25, 0.0)              # the first point that ranks every target first
+    assert table[(0.25, 0.0)] == 1.0
+    assert table[(0.0, 0.0)] < 0.35                     # ties count against the target: 8 items tie
+    # A model that already ranks the validation item first: every point scores 1.0 and the choice stays 0.
+    targets = torch.as_tensor(split.val_item[users])
+    oracle = lambda u, inputs: torch.nn.functional.one_hot(targets[torch.as_tensor(np.searchsorted(users, u))],
+                                                           split.n_items).float()
+    (weight, items), table = choose_text_prior(oracle, prior_fn, split, users, max_items=50)
+    assert (weight, items) == (0.0, 0.0) and table[(0.0, 0.0)] == 1.0
