@@ -253,7 +253,7 @@ def test_run_baselines_reports_tuned_params_and_both_stages():
     rows = [(f"u{u}", f"i{(u % 2) * 65 + j}") for u in range(40) for j in rng.choice(65, 8, replace=False)]
     log, split = _split(rows, [f"i{i}" for i in range(130)])
     emb = rng.normal(size=(130, 8)).astype(np.float32)
-    names = ["popularity", "ease", "ials", "text", "ease_text", "sasrec"]
+    names = ["popularity", "ease", "ials", "text", "ease_text", "sasrec", "sasrec_text"]
     results = run_baselines(split, emb, names, seed=0, fast=True, num_threads=1)
     assert list(results) == names
     for name, result in results.items():
@@ -261,6 +261,12 @@ def test_run_baselines_reports_tuned_params_and_both_stages():
         assert result["val"]["overall"]["users"] == 40 and result["fit_seconds"] >= 0
     assert results["ease_text"]["params"]["lam"] == results["ease"]["params"]["lam"]
     assert results["ease"]["val"]["overall"]["ndcg@10"] == pytest.approx(results["ease"]["tune_val_ndcg@10"])
+    # SASRec + text prior: weight 0 (SASRec alone) is in its grid, so validation can only rise; the chosen
+    # blend's validation NDCG@10 is what evaluate() reports for it.
+    blended = results["sasrec_text"]
+    assert set(blended["params"]) == {"weight", "items"}
+    assert blended["val"]["overall"]["ndcg@10"] >= results["sasrec"]["val"]["overall"]["ndcg@10"] - 1e-9
+    assert blended["val"]["overall"]["ndcg@10"] == pytest.approx(blended["tune_val_ndcg@10"])
 
 
 def test_errors_name_the_argument_and_the_fix(planted):
@@ -269,6 +275,8 @@ def test_errors_name_the_argument_and_the_fix(planted):
         run_baselines(split, None, ["ease", "bpr"], seed=0)
     with pytest.raises(ValueError, match="need item_emb"):
         run_baselines(split, None, ["text"], seed=0)
+    with pytest.raises(ValueError, match="'sasrec_text' blends the fitted SASRec: list 'sasrec' before it"):
+        run_baselines(split, np.zeros((split.n_items, 4), np.float32), ["sasrec_text"], seed=0)
     with pytest.raises(ValueError, match="EASE lam must be > 0"):
         EASE(lam=0.0).fit(split)
     with pytest.raises(ValueError, match="stage_for_tuning must be 'val'.*got 'test'"):

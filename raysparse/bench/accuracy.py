@@ -32,10 +32,11 @@ from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, loa
 from raysparse.errors import UserError
 
 ACCURACY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accuracy.yaml"
-BASELINE_NAMES = ["popularity", "ease", "ials", "text", "ease_text", "sasrec"]
+BASELINE_NAMES = ["popularity", "ease", "ials", "text", "ease_text", "sasrec", "sasrec_text"]
 OUR_VARIANTS = ["ids", "ids_text", "dmf", "text", "fused"]
 ROW_LABELS = {"popularity": "Popularity", "ease": "EASE", "ials": "iALS", "text": "Text zero-shot",
-              "ease_text": "EASE + text", "sasrec": "SASRec", "ours:ids": "Ids only (ours)",
+              "ease_text": "EASE + text", "sasrec": "SASRec",
+              "sasrec_text": "SASRec + text prior", "ours:ids": "Ids only (ours)",
               "ours:ids_text": "Ids + text (ours)", "ours:dmf": "Ids + DMF (ours)",
               "ours:text": "Text + DMF column (ours)", "ours:fused": "Fused: ids + text + DMF (ours)"}
 # What our model chooses on validation inside the run (first seed, fused), as SASRec chooses its dropout.
@@ -175,7 +176,7 @@ def baseline_rows(args, seed: int, chosen: dict[str, dict]) -> tuple[dict, dict]
     config, prepared = prepared_seed(args, seed)
     print(f"seed {seed}: {json.dumps(prepared.split.stats)}", flush=True)
     names = [n for n in args.baselines.split(",") if n]
-    emb = item_text_embeddings(config, prepared) if {"text", "ease_text"} & set(names) else None
+    emb = item_text_embeddings(config, prepared) if {"text", "ease_text", "sasrec_text"} & set(names) else None
     # ease_text takes lam from this seed's EASE row (itself fixed), so only beta is carried over.
     fixed = {n: {k: [v] for k, v in p.items() if not (n == "ease_text" and k == "lam")}
              for n, p in chosen.items() if n not in ("popularity", "text")}
@@ -442,7 +443,8 @@ def goal_lines(agg: dict[str, dict], per_seed: list[dict] | None = None) -> list
                      f"in any bucket: {'MET' if not below else 'NOT MET: ' + '; '.join(below)}")
     for ours, other, what in (("ours:fused", "ours:dmf", "text's share (fused - ids+DMF)"),
                               ("ours:ids_text", "ours:ids", "text's share without DMF (ids+text - ids)"),
-                              ("ours:fused", "ours:ids_text", "DMF's share (fused - ids+text)")):
+                              ("ours:fused", "ours:ids_text", "DMF's share (fused - ids+text)"),
+                              ("ours:fused", "sasrec_text", "fused - (SASRec + the same text prior)")):
         if ours in agg and other in agg:
             for group in ("cohort", "overall"):
                 key = f"test/{group}/ndcg@10"

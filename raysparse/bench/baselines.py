@@ -1,4 +1,5 @@
-"""Baselines for the last-item full-ranking protocol: popularity, EASE, iALS, text zero-shot, EASE + text, SASRec.
+"""Baselines for the leave-one-out full-ranking protocol: popularity, EASE, iALS, text zero-shot, EASE + text,
+SASRec, SASRec + our text prior.
 
 Every baseline follows one small contract so the bench can treat them alike:
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from raysparse.data.split import Split
 from raysparse.metrics import evaluate, full_ranks
+from raysparse.text_prior import blend, choose_text_prior, input_lengths, text_scores
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +393,47 @@ class EASETextBlend:
         return {"lam": lam, **params}, ndcg, model
 
 
+class TextPriorBlend:
+    """A fitted model + our zero-shot text prior (raysparse.text_prior), blended exactly as our model blends
+    it: z(model) + w(n) · z(text cosine of the input's mean item text), w(n) = weight · items / (items + n).
+    Chosen on validation with the same grid as ours, so 'SASRec + text prior' answers whether our gain is only
+    the prior."""
+
+    def __init__(self, base: Any, item_emb: np.ndarray, weight: float = 0.0, items: float = 0.0,
+                 max_items: int = 50):
+        self.base, self.weight, self.items, self.max_items = base, weight, items, max_items
+        self.unit = F.normalize(torch.as_tensor(np.asarray(item_emb, np.float32)), dim=-1)
+        self.fit_seconds = getattr(base, "fit_seconds", 0.0)
+
+    def fit(self, split: Split) -> "TextPriorBlend":
+        return self  # the base model is fitted already; the blend has nothing to fit
+
+    def prior(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
+        return text_scores(self.unit, histories_newest_first, self.max_items)
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        scores = torch.as_tensor(self.base.score(user_idx, histories)).float()
+        if not self.weight:
+            return scores
+        newest_first = [np.asarray(h)[::-1] for h in histories]
+        return blend(scores, self.prior(newest_first), input_lengths(newest_first, self.max_items),
+                     self.weight, self.items)
+
+    @classmethod
+    def search(cls, base: Any, split: Split, item_emb: np.ndarray, grid: Grid | None = None
+               ) -> tuple[dict, float, "TextPriorBlend"]:
+        """grid None: choose (weight, items) on validation like ours (one scoring pass); a one-point grid
+        {"weight": [w], "items": [h]} (a later seed reusing the first seed's choice) is taken as given."""
+        blank = cls(base, item_emb)
+        if grid:
+            model = cls(base, item_emb, weight=grid["weight"][0], items=grid["items"][0])
+            return {"weight": model.weight, "items": model.items}, validation_ndcg10(model, split), model
+        (weight, items), table = choose_text_prior(lambda u, h: base.score(u, h), blank.prior, split,
+                                                   split.evaluated_users, blank.max_items)
+        model = cls(base, item_emb, weight=weight, items=items)
+        return {"weight": weight, "items": items}, table[(weight, items)], model
+
+
 # --------------------------------------------------------------------------------------------------------------
 # SASRec
 
@@ -601,7 +644,7 @@ def training_windows(split: Split, max_len: int) -> tuple[torch.Tensor, torch.Te
 # Driver
 
 
-BASELINES = ("popularity", "ease", "ials", "text", "ease_text", "sasrec")
+BASELINES = ("popularity", "ease", "ials", "text", "ease_text", "sasrec", "sasrec_text")
 
 _FAST_GRIDS: dict[str, Grid] = {
     "ease": {"lam": [10.0, 100.0]},
@@ -624,16 +667,20 @@ def run_baselines(split: Split, item_emb: np.ndarray | None, names: list[str], s
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline names {unknown}; choose from {list(BASELINES)}.")
-    if item_emb is None and {"text", "ease_text"} & set(names):
-        raise ValueError("baselines 'text' and 'ease_text' need item_emb (n_items, H); pass the item text "
-                         "embeddings or drop those names.")
+    if item_emb is None and {"text", "ease_text", "sasrec_text"} & set(names):
+        raise ValueError("baselines 'text', 'ease_text' and 'sasrec_text' need item_emb (n_items, H); pass the "
+                         "item text embeddings or drop those names.")
+    if "sasrec_text" in names and ("sasrec" not in names or names.index("sasrec") > names.index("sasrec_text")):
+        raise ValueError("baseline 'sasrec_text' blends the fitted SASRec: list 'sasrec' before it.")
     # `grids` overrides per name, e.g. one-point grids holding an earlier seed's choice (no re-tuning).
     grids = {name: (grids or {}).get(name, _FAST_GRIDS.get(name) if fast else None) for name in names}
     results: dict[str, dict] = {}
+    models: dict[str, Any] = {}
     for name in names:
         start = time.perf_counter()
         params, tune_ndcg, model = _search_one(name, split, item_emb, grids[name], seed, fast, num_threads,
-                                               results)
+                                               results, models)
+        models[name] = model
         tune_seconds = time.perf_counter() - start
         fit_seconds = model.fit_seconds
         results[name] = {
@@ -653,7 +700,7 @@ def run_baselines(split: Split, item_emb: np.ndarray | None, names: list[str], s
 
 
 def _search_one(name: str, split: Split, item_emb: np.ndarray | None, grid: Grid | None, seed: int, fast: bool,
-                num_threads: int, done: dict[str, dict]) -> tuple[dict, float, Baseline]:
+                num_threads: int, done: dict[str, dict], models: dict[str, Any]) -> tuple[dict, float, Baseline]:
     if name == "popularity":
         return grid_search(Popularity, split, {})  # nothing to tune
     if name == "ease":
@@ -669,4 +716,6 @@ def _search_one(name: str, split: Split, item_emb: np.ndarray | None, grid: Grid
         return grid_search(lambda **p: SASRec(seed=seed, epochs=5 if fast else 200,
                                                      num_threads=num_threads, **p), split,
                            grid or SASREC_GRID)
+    if name == "sasrec_text":
+        return TextPriorBlend.search(models["sasrec"], split, item_emb, grid)
     raise AssertionError(name)
