@@ -156,3 +156,13 @@ def test_paired_bootstrap_known_answers():
     assert result["ratio_lo"] < result["ratio"] < result["ratio_hi"]
     assert result["diff_lo"] < result["diff"] < result["diff_hi"]
     assert paired_bootstrap([{"ours:fused": {}, "sasrec": {}}], "ours:fused", "sasrec", "overall") is None
+
+
+def test_text_prior_line_names_each_rows_choice_per_seed_and_skips_rows_that_never_chose_one():
+    from raysparse.bench.accuracy import text_prior_line
+
+    per_seed = [{"ours:fused": {"text_prior": [0.5, 8.0]}, "ours:ids": {"text_prior": [0.0, 0.0]}, "sasrec": {}},
+                {"ours:fused": {"text_prior": [0.0, 0.0]}, "ours:ids": {"text_prior": [0.0, 0.0]}, "sasrec": {}}]
+    assert text_prior_line(per_seed) == ("\n\nText prior chosen on each seed's validation "
+                                         "(text_prior/text_prior_items): Fused: ids + text + DMF (ours): 0.5/8, 0/0")
+    assert text_prior_line([{"ours:ids": {"text_prior": [0.0, 0.0]}}]) == ""

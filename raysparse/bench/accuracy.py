@@ -106,6 +106,7 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
     ranks = full_ranks(rec.score_users, prepared.split, users, "test")
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
             "seconds": seconds, "test_ranks": ranks.tolist(),
+            "text_prior": [rec.config.model.text_prior, rec.config.model.text_prior_items],
             "test_cohort_k": prepared.split.cohort_k[users].tolist()}
 
 
@@ -454,6 +455,18 @@ def goal_lines(agg: dict[str, dict], per_seed: list[dict] | None = None) -> list
     return lines
 
 
+def text_prior_line(per_seed: list[dict]) -> str:
+    """Which text prior (text_prior/text_prior_items) each of our rows chose on each seed's validation; rows
+    that never chose one (no text, or 0 every time) are left out."""
+    shown = []
+    for row in (per_seed[0] if per_seed else {}):
+        values = [s[row].get("text_prior") for s in per_seed if row in s]
+        if row.startswith("ours:") and any(v and v[0] for v in values):
+            shown.append(f"{ROW_LABELS.get(row, row)}: " + ", ".join(f"{v[0]:g}/{v[1]:g}" for v in values if v))
+    return ("\n\nText prior chosen on each seed's validation (text_prior/text_prior_items): " + "; ".join(shown)
+            if shown else "")
+
+
 def _interval_text(test: dict | None) -> str:
     if test is None:
         return ""
@@ -517,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
             f"## Test HR@10\n\n{hr}\n\n## Goals\n\n" + "\n".join(goals) +
             f"\n\nChosen on the first seed's validation for our rows: {choice['chosen'] or 'nothing to choose'}"
             + (f" (fused validation NDCG@10 by grid point: {json.dumps(choice['grid'])})" if choice["grid"] else "") +
+            text_prior_line(per_seed) +
             f"\n\nWall time: {wall / 60:.1f} min on this machine; data: {args.data} ({fmt or 'standard schema'}); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
             + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "") + "\n")
