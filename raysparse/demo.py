@@ -68,16 +68,23 @@ def run_on_ray(config, trials: int) -> int:
 
     from raysparse import Recommender
     from raysparse.client import RecommenderClient
+    from raysparse.local import epoch_line
     from raysparse.ray_serve import ServeConfig, deploy
     from raysparse.ray_train import run_ray_training
     from raysparse.ray_tune import tune_config_from_dict, run_tune
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Workers' and Ray's own output (actor logs, controller warnings) stay in the session's log files; this
+    # process prints the story: each stage, its metrics, the three answers.
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    logs = Path(context.address_info["session_dir"]) / "logs"
+    print(f"Ray's own output and every worker's: {logs}")
     try:
         print("\n### 1/4 Ray Train + DeepSpeed, 2 workers")
         summary = run_ray_training(config)
-        print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
-                          if k.endswith("ndcg@10") and "/" in k and "sampled" not in k}, indent=2))
+        for record in summary["history"]:
+            print(epoch_line(record))
+        print("test NDCG@10: " + json.dumps({k.split("/")[1]: round(v, 4) for k, v in summary["test"].items()
+                                             if k.endswith("ndcg@10") and "/" in k and "sampled" not in k}))
 
         print(f"\n### 2/4 Ray Tune: {trials} trials over fusion_dim and lr (1 worker each)")
         tune_base = config.replace(**{"output": str(Path(config.output) / "tune"), "ray.num_workers": 1,
@@ -104,4 +111,5 @@ def run_on_ray(config, trials: int) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    print(f"\nRay's logs of this run: {logs}")
     return 0

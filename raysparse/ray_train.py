@@ -647,6 +647,19 @@ def _test_kill_hook(config: Config) -> dict | None:
             "flag": str(Path(config.output) / ".test_kill_done")}
 
 
+def first_run_compilation_note(config: Config, extensions_dir: str | None = None) -> str:
+    """On CPU, DeepSpeed's torch backend compiles its shared-memory all-reduce op (deepspeed_shm_comm) the first
+    time a worker starts on a machine, about a minute on 2 cores, then reuses torch's extension cache. Say so
+    before it happens rather than leave a silent minute; '' when the cache already holds it (or on GPU)."""
+    if config.ray.use_gpu:
+        return ""
+    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if any(root.glob("*/deepspeed_shm_comm/*.so")):
+        return ""
+    return (f"first run on this machine: each worker's DeepSpeed compiles its CPU shared-memory all-reduce "
+            f"(deepspeed_shm_comm, about a minute on 2 cores); later runs reuse it from {root}")
+
+
 def connect(config: Config) -> None:
     """ray.init on ray.address, else the current cluster if there is one, else a new local one."""
     import ray
@@ -679,6 +692,9 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     trainer = build_trainer(config, ray.put(prepared), dataset, n_examples, ds_config, _test_kill_hook(config))
     log(f"training: {config.ray.num_workers} workers, ZeRO {ds_config['zero_optimization']['stage']}, "
         f"{resolved_precision(config)}, run folder {run_dir}")
+    note = first_run_compilation_note(config)
+    if note:
+        log(note)
     result = trainer.fit()
 
     best_ckpt, best_metrics = max(result.best_checkpoints or [(result.checkpoint, result.metrics)],

@@ -419,3 +419,15 @@ def test_text_tower_flops_formula():
     assert text_tower_train_flops(1, 128, 12, 768, 3072) == per_example
     assert per_example == pytest.approx(6.67e10, rel=0.01)
     assert text_tower_train_flops(256, 128, 12, 768, 3072) == 256 * per_example
+
+
+def test_first_run_compilation_is_announced_only_until_the_extension_is_cached(tmp_path):
+    from raysparse.config import config_from_dict
+    from raysparse.ray_train import first_run_compilation_note
+
+    cfg = config_from_dict({})
+    assert "deepspeed_shm_comm" in first_run_compilation_note(cfg, str(tmp_path))
+    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert first_run_compilation_note(cfg, str(tmp_path)) == ""
