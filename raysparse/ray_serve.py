@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Literal, Sequence, Union
 
@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raysparse.config import option
 from raysparse.errors import ConfigError, UnknownIdError, UserError
 
 log = logging.getLogger("raysparse.serve")
@@ -55,36 +56,32 @@ EXAMPLE_BODY = '{"user_id": "u042", "k": 10}'
 # Configuration
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class ServeConfig:
     """How the model is served. The model itself comes from the artifact; its config has no serve section."""
 
-    host: str = _f("127.0.0.1", "Address the HTTP proxy binds to. 127.0.0.1 keeps the API on this machine; "
+    host: str = option("127.0.0.1", "Address the HTTP proxy binds to. 127.0.0.1 keeps the API on this machine; "
                                 "0.0.0.0 opens it to the network (put authentication in front first).")
-    port: int = _f(8000, "HTTP port of the Serve proxy.")
-    app_name: str = _f("raysparse", "Serve application name; deploying again under this name hot-swaps the "
+    port: int = option(8000, "HTTP port of the Serve proxy.")
+    app_name: str = option("raysparse", "Serve application name; deploying again under this name hot-swaps the "
                                     "model of the running app.")
-    route_prefix: str = _f("/", "URL prefix of the API, e.g. /recsys.")
-    num_replicas: int = _f(1, "Replicas when autoscaling is off (max_replicas = 0).")
-    min_replicas: int = _f(1, "Autoscaling: fewest replicas (>= 1, so the model stays loaded).")
-    max_replicas: int = _f(0, "Autoscaling: most replicas; > 0 turns autoscaling on, 0 keeps num_replicas.")
-    target_ongoing_requests: float = _f(8.0, "Autoscaling: in-flight requests per replica it aims for.")
-    num_cpus_per_replica: float = _f(1.0, "CPUs reserved per replica; also torch's thread count there.")
-    num_gpus_per_replica: float = _f(0.0, "GPUs reserved per replica (0 on CPU machines).")
-    max_ongoing_requests: int = _f(64, "Requests one replica works on at once; >= max_batch_size, or text "
+    route_prefix: str = option("/", "URL prefix of the API, e.g. /recsys.")
+    num_replicas: int = option(1, "Replicas when autoscaling is off (max_replicas = 0).")
+    min_replicas: int = option(1, "Autoscaling: fewest replicas (>= 1, so the model stays loaded).")
+    max_replicas: int = option(0, "Autoscaling: most replicas; > 0 turns autoscaling on, 0 keeps num_replicas.")
+    target_ongoing_requests: float = option(8.0, "Autoscaling: in-flight requests per replica it aims for.")
+    num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica; also torch's thread count there.")
+    num_gpus_per_replica: float = option(0.0, "GPUs reserved per replica (0 on CPU machines).")
+    max_ongoing_requests: int = option(64, "Requests one replica works on at once; >= max_batch_size, or text "
                                        "batches can never fill.")
-    max_batch_size: int = _f(32, "Most requests scored together (text and user/history requests batch apart).")
-    batch_wait_timeout_s: float = _f(0.0, "user_id/history requests: extra wait for a batch to fill after its "
+    max_batch_size: int = option(32, "Most requests scored together (text and user/history requests batch apart).")
+    batch_wait_timeout_s: float = option(0.0, "user_id/history requests: extra wait for a batch to fill after its "
                                           "first request. 0: take what queued while the previous batch ran (no "
                                           "added latency when idle).")
-    text_batch_wait_timeout_s: float = _f(0.005, "text requests: the same wait. An encoder pass costs ~10 ms a "
+    text_batch_wait_timeout_s: float = option(0.005, "text requests: the same wait. An encoder pass costs ~10 ms a "
                                                 "text alone but a fraction of that in a batch, so waiting pays "
                                                 "under load.")
-    access_log: bool = _f(True, "Log one line per request (proxy and replicas); off for load tests.")
+    access_log: bool = option(True, "Log one line per request (proxy and replicas); off for load tests.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

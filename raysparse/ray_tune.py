@@ -56,11 +56,11 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from raysparse.config import SECTIONS, Config, coerce_value, parse_set_value, config_from_dict
+from raysparse.config import SECTIONS, Config, coerce_value, config_from_dict, option, parse_set_value
 from raysparse.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -232,29 +232,23 @@ def apply_point(base: Config, params: tuple[Param, ...], point: dict) -> Config:
 
 # ------------------------------------------------------------------------------------------------ TuneConfig
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class TuneConfig:
     """The sweep: the `tune:` section of the run's YAML file, or --set tune.KEY=VALUE."""
 
-    num_samples: int = _f(8, "Trials (points drawn from the space); --num-samples overrides it.")
-    metric: str = _f(DEFAULT_METRIC, "Reported metric that ranks trials and checkpoints, and that ASHA stops on: "
+    num_samples: int = option(8, "Trials (points drawn from the space); --num-samples overrides it.")
+    metric: str = option(DEFAULT_METRIC, "Reported metric that ranks trials and checkpoints, and that ASHA stops on: "
                                      "a validation metric (val/GROUP/NAME, e.g. val/cohort/hr@10) or 'loss'.")
-    mode: str = _f("max", "'max' or 'min': whether a larger `metric` is better.")
-    scheduler: str = _f("asha", "'asha': stop weak trials early (Tune's ASHAScheduler over epochs); 'none': "
+    mode: str = option("max", "'max' or 'min': whether a larger `metric` is better.")
+    scheduler: str = option("asha", "'asha': stop weak trials early (Tune's ASHAScheduler over epochs); 'none': "
                                 "every trial trains train.epochs epochs.")
-    search: str = _f("random", "'random' (Tune's random search) or 'optuna' (Tune's OptunaSearch, TPE).")
-    max_concurrent_trials: int = _f(0, "Trials at once; 0 = what the cluster holds: floor(CPUs / (ray.num_workers x "
+    search: str = option("random", "'random' (Tune's random search) or 'optuna' (Tune's OptunaSearch, TPE).")
+    max_concurrent_trials: int = option(0, "Trials at once; 0 = what the cluster holds: floor(CPUs / (ray.num_workers x "
                                        "ray.cpus_per_worker)) (and GPUs / ray.num_workers with ray.use_gpu).")
-    grace_period: int = _f(1, "ASHA: epochs every trial trains before it may be stopped.")
-    reduction_factor: int = _f(2, "ASHA: keep the best 1/reduction_factor of trials at each rung (>= 2).")
-    seed: int = _f(0, "Seed of the search (random draws or Optuna's sampler).")
-    space: dict = _f({}, "SECTION.KEY -> {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
+    grace_period: int = option(1, "ASHA: epochs every trial trains before it may be stopped.")
+    reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor of trials at each rung (>= 2).")
+    seed: int = option(0, "Seed of the search (random draws or Optuna's sampler).")
+    space: dict = option({}, "SECTION.KEY -> {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
                          "{randint: [lo, hi]} (bounds included). Empty: the default space (fusion_dim, text_dim, "
                          "DMF layer widths, lr, text_lr, finetune_top_layers, as far as the model uses them). "
                          "--set 'tune.space.KEY={...}' adds or replaces one key; =null removes it.")
