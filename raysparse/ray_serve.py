@@ -41,10 +41,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysparse.config import option
 from raysparse.errors import ConfigError, UnknownIdError, UserError
+from raysparse.recommender import MAX_K, no_text_tower_message
 
 log = logging.getLogger("raysparse.serve")
 
-MAX_K = 1000                 # same bound as Recommender.recommend
 MAX_TEXT_CHARS = 20_000      # longer texts are refused before tokenizing (the model reads max_length tokens)
 MAX_IDS_PER_LIST = 10_000    # history / exclude lists
 DEPLOYMENT_NAME = "Recommender"
@@ -496,8 +496,7 @@ def _check_text(served: ServedModel, text: str, notes: list[str]) -> str:
                             '"text": "space opera with robots", or a history instead.',
                        errors=[{"field": "text", "message": "empty"}])
     if not served.has_text:
-        raise ApiError(422, "this model has no text tower (model.variant='dmf'); send a user_id or a history "
-                            "instead of text.")
+        raise ApiError(422, no_text_tower_message(served.rec.config.model.variant))
     max_length = int(served.rec.config.data.max_length)
     n_tokens = len(served.rec.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
     if n_tokens > max_length:

@@ -27,7 +27,13 @@ from raysparse.errors import UserError
 from raysparse.model.hybrid import HybridRecommender
 from raysparse.text_prior import blend, input_lengths, text_scores
 
-MAX_K = 1000
+MAX_K = 1000   # the most items one answer may hold (the Python API and the HTTP API alike)
+
+
+def no_text_tower_message(variant: str) -> str:
+    """What a text query to a model without text is told (the Python API and the HTTP API alike)."""
+    return (f"this model has no text tower (model.variant={variant!r}); send a user_id or a history "
+            f"instead of text.")
 
 
 @dataclass
@@ -130,7 +136,7 @@ class Recommender:
     def encode_query_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         """(B, H) encoder embeddings of free texts, and whether each was truncated to max_length."""
         if self.model.text is None:
-            raise UserError("this model has no text tower (model.variant='dmf'); send a user_id or a history.")
+            raise UserError(no_text_tower_message(self.config.model.variant))
         max_length = self.config.data.max_length
         full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
         truncated = [len(ids) > max_length for ids in full]
