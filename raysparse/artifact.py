@@ -36,6 +36,12 @@ FORMAT = "raysparse-artifact"
 VERSION = 1
 
 
+def write_config(path: str | Path, config) -> None:
+    """<path>/config.json: the Config the artifact's model is loaded and scored with. Also rewritten alone
+    when a choice made after training changes only scoring (model.text_prior), not the weights."""
+    (Path(path) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
 def save_artifact(rec, path: str | Path, metrics: dict | None = None) -> Path:
     """Write `rec` (a Recommender) to `path` atomically (a temp dir renamed into place)."""
     import pandas as pd
@@ -45,7 +51,7 @@ def save_artifact(rec, path: str | Path, metrics: dict | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "format.json").write_text(json.dumps({"format": FORMAT, "version": VERSION}))
-    (tmp / "config.json").write_text(json.dumps(rec.config.to_dict(), indent=2))
+    write_config(tmp, rec.config)
     state = {k: v.detach().cpu().contiguous() for k, v in rec.model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     split = rec.builder.split

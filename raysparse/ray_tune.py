@@ -238,20 +238,21 @@ class TuneConfig:
 
     num_samples: int = option(8, "Trials (points drawn from the space); --num-samples overrides it.")
     metric: str = option(DEFAULT_METRIC, "Reported metric that ranks trials and checkpoints, and that ASHA stops on: "
-                                     "a validation metric (val/GROUP/NAME, e.g. val/cohort/hr@10) or 'loss'.")
+                                         "a validation metric (val/GROUP/NAME, e.g. val/cohort/hr@10) or 'loss'.")
     mode: str = option("max", "'max' or 'min': whether a larger `metric` is better.")
     scheduler: str = option("asha", "'asha': stop weak trials early (Tune's ASHAScheduler over epochs); 'none': "
-                                "every trial trains train.epochs epochs.")
+                                    "every trial trains train.epochs epochs.")
     search: str = option("random", "'random' (Tune's random search) or 'optuna' (Tune's OptunaSearch, TPE).")
-    max_concurrent_trials: int = option(0, "Trials at once; 0 = what the cluster holds: floor(CPUs / (ray.num_workers x "
-                                       "ray.cpus_per_worker)) (and GPUs / ray.num_workers with ray.use_gpu).")
+    max_concurrent_trials: int = option(0, "Trials at once; 0 = what the cluster holds: floor(CPUs / "
+                                           "(ray.num_workers x ray.cpus_per_worker)) (and GPUs / ray.num_workers "
+                                           "with ray.use_gpu).")
     grace_period: int = option(1, "ASHA: epochs every trial trains before it may be stopped.")
     reduction_factor: int = option(2, "ASHA: keep the best 1/reduction_factor of trials at each rung (>= 2).")
     seed: int = option(0, "Seed of the search (random draws or Optuna's sampler).")
     space: dict = option({}, "SECTION.KEY -> {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | "
-                         "{randint: [lo, hi]} (bounds included). Empty: the default space (fusion_dim, text_dim, "
-                         "DMF layer widths, lr, text_lr, finetune_top_layers, as far as the model uses them). "
-                         "--set 'tune.space.KEY={...}' adds or replaces one key; =null removes it.")
+                             "{randint: [lo, hi]} (bounds included). Empty: the default space (fusion_dim, text_dim, "
+                             "DMF layer widths, lr, text_lr, finetune_top_layers, as far as the model uses them). "
+                             "--set 'tune.space.KEY={...}' adds or replaces one key; =null removes it.")
 
     def __post_init__(self) -> None:
         def allowed(name: str, value: Any, options: tuple) -> None:
@@ -327,7 +328,7 @@ def load_tune_config(path: str | Path | None, sets: list[str] | None = None) -> 
         if key.startswith("tune."):
             tune_sets[key[len("tune."):]] = parse_set_value(value)
         else:
-            run_sets[key] = parse_set_value(value)
+            run_sets[key] = parse_set_value(value, key)    # string options keep the text as written
     config = config_from_dict(raw, run_sets)
     if isinstance(tune_raw, dict) and not tune_raw.get("space"):
         tune_raw = dict(tune_raw, space=default_space(config))

@@ -82,19 +82,21 @@ class Recommender:
             vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
                     for b in all_item_bags(self.builder)]
         self.item_vectors = torch.cat(vecs).float()
-        # The text prior's item side: the frozen item text embeddings, unit length (variants with text).
-        text = getattr(self.model, "text", None)
+        self.refresh_item_text()
+
+    def refresh_item_text(self) -> None:
+        """The text prior's item side: the frozen item text embeddings at unit length (None without text)."""
+        text = self.model.text
         self.unit_item_text = (torch.nn.functional.normalize(text.item_text_emb.detach().float(), dim=-1)
                                if text is not None else None)
 
     def with_text_prior(self, scores: torch.Tensor, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
         """`scores` blended with the zero-shot text prior of each input (model.text_prior; unchanged when 0)."""
         mc = self.config.model
-        if not mc.text_prior or getattr(self, "unit_item_text", None) is None:   # DeviceRecommender: no prior
+        if not mc.text_prior or self.unit_item_text is None:
             return scores
-        max_items = self.config.data.max_history
-        prior = text_scores(self.unit_item_text, histories_newest_first, max_items)
-        return blend(scores, prior, input_lengths(histories_newest_first, max_items), mc.text_prior,
+        return blend(scores, self.text_prior_scores(histories_newest_first),
+                     input_lengths(histories_newest_first, self.config.data.max_history), mc.text_prior,
                      mc.text_prior_items)
 
     def text_prior_scores(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:

@@ -15,15 +15,18 @@ import numpy as np
 import torch
 
 from raysparse.data.split import Split
-from raysparse.metrics import exclusion_mask, ranks_from_scores
+from raysparse.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 PRIOR_ITEMS = (0.0, 2.0, 8.0)
 
 
-def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Each row to mean 0, standard deviation 1 over the catalogue (a constant row becomes 0)."""
-    return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp(min=1e-6)
+def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
+    """(B, I) -> (B, I): per row (user), subtract the mean over items and divide by the std (a constant row -> 0).
+    Puts unbounded model scores and cosines on one footing (also the 'EASE + text' baseline's blend)."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, unbiased=False, keepdim=True)
+    return (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
 def prior_weights(lengths: Sequence[int], weight: float, items: float) -> torch.Tensor:
@@ -42,12 +45,12 @@ def text_scores(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], m
         rows.append(unit_item_text[torch.as_tensor(h)].mean(0) if len(h) else
                     torch.zeros(unit_item_text.shape[1], dtype=unit_item_text.dtype))
     user_text = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
-    return standardize(user_text @ unit_item_text.T)
+    return zscore_rows(user_text @ unit_item_text.T)
 
 
 def blend(model_scores: torch.Tensor, prior: torch.Tensor, lengths: Sequence[int], weight: float,
           items: float) -> torch.Tensor:
-    return standardize(model_scores) + prior_weights(lengths, weight, items) * prior
+    return zscore_rows(model_scores) + prior_weights(lengths, weight, items) * prior
 
 
 def input_lengths(histories: Sequence[np.ndarray], max_items: int) -> list[int]:
@@ -62,21 +65,21 @@ def choose_text_prior(score_fn: Callable, prior_fn: Callable, split: Split, user
     prior_fn(histories_newest_first) -> (B, I) standardised text scores. One scoring pass: each batch is
     scored once and ranked under every grid point. Ties keep the earlier point (weight 0 comes first)."""
     grid = [(0.0, 0.0)] + [(w, h) for w in PRIOR_WEIGHTS if w > 0 for h in PRIOR_ITEMS]
-    gains = {point: 0.0 for point in grid}
+    ranks: dict[tuple[float, float], list[np.ndarray]] = {point: [] for point in grid}
     targets_all = split.targets("val")
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         inputs = split.model_inputs(batch, "val")
         with torch.no_grad():
-            model = standardize(torch.as_tensor(score_fn(batch, inputs)).float())
+            model = zscore_rows(torch.as_tensor(score_fn(batch, inputs)).float())
             prior = prior_fn([np.asarray(h)[::-1] for h in inputs])
         mask = exclusion_mask(split, batch, "val")
         targets = torch.as_tensor(targets_all[batch])
         lengths = input_lengths(inputs, max_items)
         for weight, items in grid:
             scores = model + prior_weights(lengths, weight, items) * prior if weight else model
-            ranks = ranks_from_scores(scores, targets, mask).numpy().astype(np.float64)
-            gains[(weight, items)] += float(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0).sum())
-    table = {point: gain / max(1, len(users)) for point, gain in gains.items()}
+            ranks[(weight, items)].append(ranks_from_scores(scores, targets, mask).numpy())
+    table = {point: metrics_from_ranks(np.concatenate(r) if r else np.zeros(0), ks=(k,)).get(f"ndcg@{k}", 0.0)
+             for point, r in ranks.items()}
     best = max(grid, key=lambda p: (table[p], -grid.index(p)))
     return best, table

@@ -7,14 +7,14 @@ import torch
 
 from raysparse.data.dataset import index_interactions
 from raysparse.data.split import split_last_item
-from raysparse.text_prior import choose_text_prior, prior_weights, standardize, text_scores
+from raysparse.text_prior import choose_text_prior, prior_weights, text_scores, zscore_rows
 
 
 def test_prior_weight_fades_with_the_input_length_and_is_constant_when_items_is_zero():
     assert prior_weights([0, 2, 6], 2.0, 2.0)[:, 0].tolist() == [2.0, 1.0, 0.5]     # 2 * 2 / (2 + n)
     assert prior_weights([1, 50], 0.5, 0.0)[:, 0].tolist() == [0.5, 0.5]
-    rows = standardize(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
-    assert torch.allclose(rows[0], torch.tensor([-1.0, 0.0, 1.0])) and rows[1].abs().max() == 0
+    rows = zscore_rows(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))     # population std: sqrt(2/3)
+    assert torch.allclose(rows[0], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5) and rows[1].abs().max() == 0
 
 
 def _planted():

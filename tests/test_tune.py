@@ -52,6 +52,8 @@ def test_tune_section_is_read_and_stripped_and_set_overrides_apply(tmp_path):
     assert (tc.num_samples, tc.mode, tc.metric, tc.search) == (5, "min", "loss", "optuna")
     assert tc.space == {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.fusion_dim": {"choice": [8, 16]}}
     _, tc = load_tune_config(path, ["tune.space.train.lr=null"])                # null removes a key
+    text, _ = load_tune_config(path, ["data.text_template={title}"])             # a string option, as written
+    assert text.data.text_template == "{title}"
     assert tc.space == {}
     with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Known keys of 'tune': num_samples"):
         load_tune_config(path, ["tune.num_sample=4"])

@@ -35,7 +35,7 @@ from torch import nn
 
 from raysparse.data.split import Split
 from raysparse.metrics import evaluate, full_ranks
-from raysparse.text_prior import blend, choose_text_prior, input_lengths, text_scores
+from raysparse.text_prior import blend, choose_text_prior, input_lengths, text_scores, zscore_rows
 
 log = logging.getLogger(__name__)
 
@@ -336,13 +336,6 @@ class TextZeroShot:
         return params, ndcg
 
 
-def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
-    """(B, I) -> (B, I): per row (user), subtract the mean over items and divide by the std (a constant row -> 0)."""
-    mean = scores.mean(dim=1, keepdim=True)
-    std = scores.std(dim=1, unbiased=False, keepdim=True)
-    return (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
-
-
 BLEND_GRID = {"beta": [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0]}
 
 
@@ -424,14 +417,13 @@ class TextPriorBlend:
                ) -> tuple[dict, float, "TextPriorBlend"]:
         """grid None: choose (weight, items) on validation like ours (one scoring pass); a one-point grid
         {"weight": [w], "items": [h]} (a later seed reusing the first seed's choice) is taken as given."""
-        blank = cls(base, item_emb)
+        model = cls(base, item_emb)
         if grid:
-            model = cls(base, item_emb, weight=grid["weight"][0], items=grid["items"][0])
+            model.weight, model.items = grid["weight"][0], grid["items"][0]
             return {"weight": model.weight, "items": model.items}, validation_ndcg10(model, split), model
-        (weight, items), table = choose_text_prior(lambda u, h: base.score(u, h), blank.prior, split,
-                                                   split.evaluated_users, blank.max_items)
-        model = cls(base, item_emb, weight=weight, items=items)
-        return {"weight": weight, "items": items}, table[(weight, items)], model
+        (model.weight, model.items), table = choose_text_prior(base.score, model.prior, split,
+                                                               split.evaluated_users, model.max_items)
+        return {"weight": model.weight, "items": model.items}, table[(model.weight, model.items)], model
 
 
 # --------------------------------------------------------------------------------------------------------------
