@@ -34,6 +34,8 @@ from raysparse.model.text import TextTower
 
 FORMAT = "raysparse-artifact"
 VERSION = 1
+# Weights older artifacts may carry that today's model does not build (see load_artifact).
+DEAD_UNDER_ATTENTION = frozenset({"text.proj.weight", "text.proj.bias", "text.recency_logits"})
 
 
 def write_config(path: str | Path, config) -> None:
@@ -104,9 +106,13 @@ def load_artifact(path: str | Path) -> dict:
         encoder = AutoModel.from_config(enc_config, trust_remote_code=config.model.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         text_tower = TextTower(encoder, config.model.pooling, config.model.finetune, config.model.finetune_top_layers,
-                               config.model.text_dim, config.data.max_history, state["text.item_text_emb"])
+                               config.model.text_user_dim, config.data.max_history, state["text.item_text_emb"])
         item_text = ItemText.build(tokenizer, table["text"].fillna("").tolist())
     model = HybridRecommender(config.model, n_users, n_items, text_tower, config.data.max_history)
+    # Artifacts saved before the text tower under history attention lost its pooled-user projection and recency
+    # weights carry them; nothing ever read them, so they are left out rather than refused.
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k in expected or k not in DEAD_UNDER_ATTENTION}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"artifact {str(path)!r} does not match its config: missing weights {missing[:5]}, "

@@ -72,7 +72,7 @@ def build_model(config: Config, n_users: int, n_items: int, item_texts: list[str
     encoder, tokenizer = load_encoder(mc.text_model, mc.trust_remote_code)
     item_emb = cached_item_embeddings(encoder, tokenizer, item_texts, mc.pooling,
                                       resolve_text_model(mc.text_model), cache_dir)
-    tower = TextTower(encoder, mc.pooling, mc.finetune, mc.finetune_top_layers, mc.text_dim,
+    tower = TextTower(encoder, mc.pooling, mc.finetune, mc.finetune_top_layers, mc.text_user_dim,
                       config.data.max_history, item_emb)
     item_text = ItemText.build(tokenizer, item_texts)
     return HybridRecommender(mc, n_users, n_items, tower, config.data.max_history), tokenizer, item_text

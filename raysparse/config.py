@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 
 from raysparse.errors import ConfigError
 
@@ -73,8 +75,6 @@ class DataConfig:
 
     @property
     def resolved_cache_dir(self) -> str:
-        import os
-
         return self.cache_dir or os.environ.get("RAYSPARSE_CACHE") or os.path.expanduser("~/.cache/raysparse")
 
 
@@ -92,7 +92,8 @@ class ModelConfig:
     finetune: str = option("top", "'full', 'top' (the top `finetune_top_layers` layers) or 'frozen' (item-text "
                                   "embeddings computed once and cached; a user's text vector pools them).")
     finetune_top_layers: int = option(2, "Encoder layers trained when finetune='top'.")
-    text_dim: int = option(128, "Size of the projected text user vector.")
+    text_dim: int = option(128, "Size of the projected text user vector (history_encoder='bag'; under 'attention' "
+                                "an item's text enters its token through attention_dim instead).")
     dmf_user_layers: list = option([256, 128], "Widths of the DMF user MLP (first = sparse EmbeddingBag layer).")
     dmf_item_layers: list = option([256, 128], "Widths of the DMF item MLP (first = sparse EmbeddingBag layer).")
     fusion_dim: int = option(128, "Size of the fused user vector and of the item vector (fusion='concat'); the "
@@ -167,6 +168,12 @@ class ModelConfig:
         for name in ("modality_dropout", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} must be in [0, 1).")
+
+    @property
+    def text_user_dim(self) -> int:
+        """The text tower's own user vector size: text_dim with the bag encoder, 0 under history attention
+        (which reads the cached item text embeddings itself; a projection there would be dead weights)."""
+        return self.text_dim if self.history_encoder == "bag" else 0
 
     @property
     def uses_text(self) -> bool:
@@ -344,8 +351,6 @@ def _example(target: Any) -> str:
 def parse_set_value(text: str, key: str = "") -> Any:
     # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
     # string option takes the text as written (YAML would read "{title}" as the mapping {"title": None}).
-    import yaml
-
     if _declared_type(key) == "str":
         return text
     try:
@@ -424,8 +429,6 @@ def _section_from_dict(section: str, cls: type, values: dict) -> Any:
 
 def read_config_file(path: str | Path | None) -> dict:
     """The YAML mapping in `path` ({} when no path), or a ConfigError saying what is wrong with the file."""
-    import yaml
-
     if not path:
         return {}
     path = Path(path)

@@ -253,18 +253,30 @@ def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path, fus
 @pytest.mark.parametrize("fusion", ["concat", "residual"])
 def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, frames, tiny_encoder, fusion):
     """Trained in sequence mode, saved, loaded: the same scores for a known user, a new user's history and a
-    text-only user (one text token), and the known user's items are excluded."""
+    text-only user (one text token), and the known user's items are excluded; older artifacts with the
+    text tower's unused projection still load."""
     from raysparse.recommender import Recommender
 
     cfg = walk_config(tmp_path, variant="fused", text_model=tiny_encoder, example_mode="sequence",
                       fusion=fusion).replace(
         **{"train.epochs": 1, "data.text_template": "{title}. {genres}", "data.max_length": 24})
     rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None, save=True)
+    # The attention reads the cached item text itself: the text tower holds no user projection of its own.
+    assert not {"text.proj.weight", "text.recency_logits"} & set(rec.model.state_dict())
     loaded = Recommender.load(tmp_path / "artifact")
+    # An artifact saved when the tower still carried those (never read) weights loads to the same answers.
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "artifact" / "model.safetensors"))
+    hidden = state["text.item_text_emb"].shape[1]
+    state.update({"text.proj.weight": torch.ones(16, hidden), "text.proj.bias": torch.ones(16),
+                  "text.recency_logits": torch.ones(50)})
+    save_file(state, str(tmp_path / "artifact" / "model.safetensors"))
+    old = Recommender.load(tmp_path / "artifact")
     for kwargs in ({"user_ids": ["u000"]}, {"histories": [["i001", "i005"]]}, {"texts": ["space robots"]}):
-        a, b = rec.recommend(**kwargs, k=5)[0], loaded.recommend(**kwargs, k=5)[0]
-        assert [r.item_id for r in a] == [r.item_id for r in b]
+        a, b, c = (r.recommend(**kwargs, k=5)[0] for r in (rec, loaded, old))
+        assert [r.item_id for r in a] == [r.item_id for r in b] == [r.item_id for r in c]
         np.testing.assert_allclose([r.score for r in a], [r.score for r in b], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in c], rtol=1e-5, atol=1e-6)
     seen = set(rec.builder.split.history(int(rec.users.to_idx(["u000"])[0])).tolist())
     top = rec.recommend(user_ids=["u000"], k=10)[0]
     assert not seen & set(rec.items.to_idx([r.item_id for r in top]).tolist())

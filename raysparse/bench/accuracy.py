@@ -22,14 +22,30 @@ Output: a markdown table (mean ± std over seeds), JSON with every number, and a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from raysparse.bench.baselines import run_baselines
 from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
+from raysparse.build import build_batches, prepare_data
+from raysparse.config import load_config
 from raysparse.errors import UserError
+from raysparse.local import run_local
+from raysparse.metrics import flatten, full_ranks
+from raysparse.model.text import cached_item_embeddings, load_encoder, resolve_text_model
+from raysparse.recommender import Recommender
+from raysparse.step import keep_freed_memory
+
+# Imported where used: raysparse.ray_train and ray (--trainer ray only), matplotlib (the chart; an optional
+# dependency, pip install raysparse[bench]).
 
 ACCURACY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accuracy.yaml"
 BASELINE_NAMES = ["popularity", "ease", "ials", "text", "ease_text", "sasrec", "sasrec_text"]
@@ -87,19 +103,13 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
         print(f"    {prefix}{message}", flush=True)
 
     if trainer == "ray":
-        from raysparse.build import build_batches
         from raysparse.ray_train import run_ray_training
-        from raysparse.recommender import Recommender
 
         summary = run_ray_training(config, log=log)
         rec = Recommender.load(Path(config.output) / "artifact")
         rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
     else:
-        from raysparse.local import run_local
-
         rec, summary = run_local(config, prepared, log=log, save=False)
-    from raysparse.metrics import full_ranks
-
     seconds = time.perf_counter() - t0
     rec.refresh()
     users = prepared.split.evaluated_users
@@ -112,8 +122,6 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
 
 def item_text_embeddings(config, prepared) -> np.ndarray:
     """Frozen-encoder embedding of each item's text (the same cached table our text tower reads)."""
-    from raysparse.model.text import cached_item_embeddings, load_encoder, resolve_text_model
-
     encoder, tokenizer = load_encoder(config.model.text_model, config.model.trust_remote_code)
     emb = cached_item_embeddings(encoder, tokenizer, prepared.item_texts, config.model.pooling,
                                  resolve_text_model(config.model.text_model), config.data.resolved_cache_dir)
@@ -123,8 +131,6 @@ def item_text_embeddings(config, prepared) -> np.ndarray:
 def parse_grid(text: str) -> list[list[str]]:
     """'model.dropout=0.2|0.5,train.lr=0.001|0.003' -> the product of the values as lists of --set overrides,
     in order (the first point first: ties keep it)."""
-    import itertools
-
     axes = []
     for part in [p for p in text.split(",") if p.strip()]:
         key, sep, values = part.partition("=")
@@ -145,8 +151,6 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
 
 def seed_config(args, seed: int, sets: list[str] = ()):
     """Our config for one seed: the cohort draw and training seed, plus --set and the row's overrides."""
-    from raysparse.config import load_config
-
     seeded = list(args.sets) + [f"data.split_seed={seed}", f"train.seed={seed}", f"output={args.out}/seed{seed}"]
     if args.fast:
         seeded += ["train.epochs=1", "train.max_steps_per_epoch=20"]
@@ -158,8 +162,6 @@ _PREPARED: dict[tuple, tuple] = {}
 
 def prepared_seed(args, seed: int):
     """(config, prepared data) of a seed, built once per process (every row of a seed reads the same split)."""
-    from raysparse.build import prepare_data
-
     key = (args.data, args.format, seed)
     if key not in _PREPARED:
         config = seed_config(args, seed)
@@ -171,9 +173,6 @@ def baseline_rows(args, seed: int, chosen: dict[str, dict]) -> tuple[dict, dict]
     """Every baseline on one seed. `chosen` holds the baselines' hyper-parameters picked on the first seed's
     validation split ({} on the first seed); later seeds reuse them (one-point grids) to keep SASRec's grid
     within budget. Returns (rows, the hyper-parameters chosen here)."""
-    from raysparse.bench.baselines import run_baselines
-    from raysparse.metrics import flatten
-
     config, prepared = prepared_seed(args, seed)
     print(f"seed {seed}: {json.dumps(prepared.split.stats)}", flush=True)
     names = [n for n in args.baselines.split(",") if n]
@@ -217,10 +216,6 @@ def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
 
 def _job(kind: str, args, seed: int, payload, threads: int):
     """One unit of work in a pool process: a seed's baselines, or one of our rows."""
-    import torch
-
-    from raysparse.step import keep_freed_memory
-
     torch.set_num_threads(threads)
     keep_freed_memory()           # the baselines (SASRec) gain from it as much as our models
     if kind == "baselines":
@@ -307,10 +302,6 @@ def run_all(args) -> tuple[list[dict], dict]:
 def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
     depends on their choices."""
-    import multiprocessing
-    import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     # the cores this process may use (a container's affinity), not the host's count
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     threads = max(1, cores // args.jobs)
@@ -517,8 +508,6 @@ def run(args: argparse.Namespace) -> int:
 
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    from raysparse.step import keep_freed_memory
-
     keep_freed_memory()           # before any fit in this process, baselines included (see its docstring)
     per_seed, choice = run_all(args)
     agg = aggregate(per_seed)

@@ -37,6 +37,9 @@ from raysparse.data.split import Split
 from raysparse.metrics import evaluate, full_ranks
 from raysparse.text_prior import blend, choose_text_prior, input_lengths, text_scores, zscore_rows
 
+# implicit (and threadpoolctl, which it brings) are imported inside IALS: an optional dependency
+# (pip install raysparse[bench]) that the other baselines do not need.
+
 log = logging.getLogger(__name__)
 
 Grid = Mapping[str, Sequence[Any]]  # hyper-parameter name -> candidate values; the search is their product

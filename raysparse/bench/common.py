@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, INTER_SUFFIX, ITEM_SUFFIX, convert_amazon_json
+from raysparse.data.io import load_dataset
+from raysparse.data.movielens import convert_movielens
+
 DEFAULT_ML = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-latest-small"
 
 
@@ -16,9 +20,6 @@ def dataset_folder(data: str, fmt: str = "") -> str:
     into a temp folder."""
     if not fmt:
         return data
-    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, convert_amazon_json
-    from raysparse.data.movielens import convert_movielens
-
     out = tempfile.mkdtemp(prefix="raysparse-bench-")
     if fmt == AMAZON_FORMAT:
         convert_amazon_json(data, out)
@@ -30,8 +31,6 @@ def dataset_folder(data: str, fmt: str = "") -> str:
 def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(interactions, items) from a standard-schema folder, or a MovieLens / Amazon JSON folder when `fmt`
     names its layout."""
-    from raysparse.data.io import load_dataset
-
     interactions, items, _ = load_dataset(dataset_folder(data, fmt))
     return interactions, items
 
@@ -46,8 +45,6 @@ def guess_format(data: str) -> str:
         return "movielens-1m"
     if (p / "u.data").exists():
         return "movielens-100k"
-    from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, INTER_SUFFIX, ITEM_SUFFIX
-
     if len(list(p.glob(f"*{INTER_SUFFIX}"))) == 1 and len(list(p.glob(f"*{ITEM_SUFFIX}"))) == 1:
         return AMAZON_FORMAT
     return ""

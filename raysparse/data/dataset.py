@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysparse.data.vocab import Vocab
 from raysparse.errors import DataError
@@ -59,9 +61,6 @@ def index_interactions(interactions: pd.DataFrame, items: pd.DataFrame) -> Index
 def _catalogue_index(item_ids: pd.Series, catalogue_ids: pd.Series) -> np.ndarray:
     """Position of each interaction's item in the catalogue (-1 if absent). pyarrow's hash lookup avoids
     turning millions of string ids into Python objects."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if item_ids.dtype.kind in "iu" and catalogue_ids.dtype.kind in "iu":
         return pd.Index(catalogue_ids).get_indexer(item_ids).astype(np.int64)
     values = pa.array(item_ids.astype(str)) if item_ids.dtype.kind in "iu" else pa.array(item_ids)

