@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from raysparse.errors import UserError
-from raysparse.ray_serve import add_serve_arguments, check_artifact, deploy, serve_config_from_args
+from raysparse.http_api import check_artifact
+from raysparse.ray_serve import deploy
+from raysparse.serve_config import add_serve_arguments, serve_config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ import pytest
 from conftest import free_port, make_artifact
 from raysparse.cli import build_parser, main
 from raysparse.client import ClientError, RecommenderClient, RequestRejected, ServerUnreachable
-from raysparse.ray_serve import ServeConfig, artifact_token, serve_config_from_args
+from raysparse.http_api import artifact_token, build_plain_app
+from raysparse.serve_config import ServeConfig, serve_config_from_args
 
 
 class PlainServer:
@@ -23,8 +24,6 @@ class PlainServer:
 
     def __init__(self, artifact: str):
         import uvicorn
-
-        from raysparse.ray_serve import build_plain_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -180,10 +179,11 @@ class Block:
             raise ImportError("ray is blocked in this test")
 sys.meta_path.insert(0, Block())
 from fastapi.testclient import TestClient
-from raysparse.ray_serve import build_plain_app
-import raysparse.client, raysparse.extra_cli
+from raysparse.http_api import build_plain_app
+import raysparse.client, raysparse.extra_cli, raysparse.ray_serve
 response = TestClient(build_plain_app({artifact!r})).post("/recommend", json={{"user_id": "u001", "k": 2}})
 assert response.status_code == 200, response.text
+assert not any(m.split(".")[0] == "ray" for m in sys.modules)
 print(response.json()["path"])
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -193,8 +193,6 @@ print(response.json()["path"])
 
 def test_text_on_a_model_without_text_tower_is_a_422(tmp_path_factory, frames, tiny_encoder):
     from fastapi.testclient import TestClient
-
-    from raysparse.ray_serve import build_plain_app
 
     dmf = make_artifact(tmp_path_factory, frames, tiny_encoder, seed=0, variant="dmf")
     http = TestClient(build_plain_app(dmf))
