@@ -5,8 +5,9 @@
 Top to bottom:
   ServedModel          a loaded `Recommender` plus the catalogue columns a response shows (title, text).
   request/response     pydantic models (also the OpenAPI page at /docs); every bad input -> 4xx with a fix.
-  plan_query           checks a request against the model -> a `Query` (what to ask `Recommender.recommend`).
-  recommend_many       scores many queries with one `Recommender.recommend` call per kind (what Serve batches).
+  plan_query           checks a request against the model -> a `Query` in index space: raw ids become
+                       indices here, once, and the answer's indices become raw ids once, in the response.
+  recommend_many       scores many queries with one `Recommender.top_k` call per kind (what Serve batches).
   build_fastapi_app    the routes. The Ray Serve replica (ray_serve.py) and the plain app (`build_plain_app`,
                        `raysparse serve --plain`, the baseline of `raysparse bench serve`) run this same code.
 """
@@ -85,9 +86,9 @@ def _keep_eval_mode(model: Any) -> None:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One loaded artifact plus what responses show about items, and id -> index maps for the checks."""
+    """One loaded artifact plus what responses show about items, and raw id -> index maps for planning."""
 
-    rec: Any                     # raysparse.recommender.Recommender (item vectors computed at load)
+    rec: Recommender             # item vectors computed at load
     model_id: str                # artifact_token of what was loaded; every response names it
     artifact: str
     titles: list | None          # (I,) title per item_idx, None where the catalogue has no title
@@ -107,9 +108,9 @@ class ServedModel:
                      {raw: i for i, raw in enumerate(rec.users.raw_ids)})
         if warm_up:  # the first torch call of each shape is slow; pay it before traffic arrives
             if len(rec.users):
-                rec.recommend(user_ids=[rec.users.raw_ids[0]], k=1)
+                rec.top_k(user_idx=[0], k=1)
             if rec.model.text is not None:
-                rec.recommend(texts=["warm up"], k=1)
+                rec.top_k(texts=["warm up"], k=1)
         return served
 
     def item_idx(self, raw_ids: Sequence) -> list[int]:
@@ -119,8 +120,10 @@ class ServedModel:
             idx = [int(i) for i in self.rec.items.lookup(list(raw_ids))]
         return idx
 
-    def knows_user(self, raw_id: Any) -> bool:
-        return raw_id in self.user_index or bool(self.rec.users.lookup([raw_id])[0] >= 0)
+    def user_idx(self, raw_id: Any) -> int:
+        """user_idx of a raw id, -1 for an unknown user (misses go through Vocab.lookup, as for items)."""
+        idx = self.user_index.get(raw_id, -1) if isinstance(raw_id, (str, int)) else -1
+        return idx if idx >= 0 else int(self.rec.users.lookup([raw_id])[0])
 
     @property
     def n_items(self) -> int:
@@ -254,14 +257,14 @@ def _json_type(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Query:
-    """One checked request, in the terms of `Recommender.recommend`. Ids are the vocabulary's own raw ids."""
+    """One checked request, in the terms of `Recommender.top_k`: ids are already indices (`*_idx`)."""
 
     path: QueryPath
     k: int
     exclude_seen: bool = True
-    exclude: tuple = ()
-    user_id: Any = None          # warm
-    history: tuple = ()          # warm (new interactions) and fold_in; oldest first
+    exclude: tuple = ()          # item_idx to leave out
+    user_idx: int = -1           # warm
+    history: tuple = ()          # item_idx; warm (new interactions) and fold_in; oldest first
     text: str | None = None      # text
 
     def group(self) -> tuple:
@@ -269,17 +272,17 @@ class Query:
         return (self.path, self.exclude_seen)
 
 
-QueryResult = Union[list, Exception]               # list[Recommendation], or the error of that one query
+QueryResult = Union[list, Exception]               # [(item_idx, score)] best first, or the error of that query
 QueryRunner = Callable[[Query], Awaitable[QueryResult]]
 
 
 def recommend_many(served: ServedModel, queries: Sequence[Query]) -> list[QueryResult]:
-    """Top-k for many queries with one `Recommender.recommend` call per group (path, exclude_seen).
+    """Top-k for many queries with one `Recommender.top_k` call per group (path, exclude_seen).
 
     Queries of a group differ in k and `exclude`; the call asks for the longest list any of them needs
     (k + |exclude|) and each query drops its excluded items, then keeps its first k. That equals excluding
     first: removing items from a longer top list cannot promote an item ranked below it. A group of one, and a
-    query whose k + |exclude| exceeds what one call may return, call `recommend` with their own k and exclude.
+    query whose k + |exclude| exceeds what one call may return, call `top_k` with their own k and exclude.
     If a group's call fails, its queries run one by one, so one bad query cannot fail the others.
     """
     rec = served.rec
@@ -298,14 +301,14 @@ def recommend_many(served: ServedModel, queries: Sequence[Query]) -> list[QueryR
         group = [queries[i] for i in members]
         need = max(q.k + len(q.exclude) for q in group)
         try:
-            rows = rec.recommend(**_batch_kwargs(group), k=need, exclude_seen=group[0].exclude_seen)
+            rows = rec.top_k(**_batch_kwargs(group), k=need, exclude_seen=group[0].exclude_seen)
         except Exception:
             for i in members:
                 results[i] = _one(rec, queries[i])
             continue
         for i, q, row in zip(members, group, rows):
             drop = set(q.exclude)
-            results[i] = [r for r in row if r.item_id not in drop][:q.k]
+            results[i] = [(idx, score) for idx, score in row if idx not in drop][:q.k]
     return results  # type: ignore[return-value]
 
 
@@ -316,13 +319,13 @@ def _batch_kwargs(group: Sequence[Query]) -> dict:
     histories = [list(q.history) for q in group]
     if path == "fold_in":
         return {"histories": histories}
-    return {"user_ids": [q.user_id for q in group], "histories": histories if any(histories) else None}
+    return {"user_idx": [q.user_idx for q in group], "histories": histories if any(histories) else None}
 
 
-def _one(rec: Any, q: Query) -> QueryResult:
+def _one(rec: Recommender, q: Query) -> QueryResult:
     kwargs = _batch_kwargs([q])
     try:
-        return rec.recommend(**kwargs, k=q.k, exclude_seen=q.exclude_seen, exclude=list(q.exclude) or None)[0]
+        return rec.top_k(**kwargs, k=q.k, exclude_seen=q.exclude_seen, exclude=list(q.exclude) or None)[0]
     except Exception as err:  # returned, not raised: the caller of this one query raises it
         return err
 
@@ -336,16 +339,17 @@ def _unknown_items_error(field_name: str, unknown: list, served: ServedModel) ->
 
 
 def _known_items(served: ServedModel, field_name: str, ids: list) -> tuple:
-    """The vocabulary's raw ids for `ids` ("42" -> 42 in an integer vocabulary); 422 listing unknown ones."""
+    """item_idx of `ids` ("42" names item 42 in an integer vocabulary); a 422 listing the unknown ones."""
     idx = served.item_idx(ids)
     unknown = [ids[j] for j, v in enumerate(idx) if v < 0]
     if unknown:
         raise _unknown_items_error(field_name, unknown, served)
-    return tuple(served.rec.items.raw_ids[i] for i in idx)
+    return tuple(idx)
 
 
 def plan_query(served: ServedModel, req: RecommendRequest) -> tuple[Query, list[str]]:
-    """Check a request against the model: (query, notes), or an ApiError that says what to send instead."""
+    """Check a request against the model: (query, notes), or an ApiError that says what to send instead.
+    The one place where a request's raw ids become indices."""
     notes: list[str] = []
     if req.text is not None and (req.user_id is not None or req.history is not None):
         raise ApiError(422, "send text alone, or user_id and/or history; not text together with them.")
@@ -360,8 +364,9 @@ def plan_query(served: ServedModel, req: RecommendRequest) -> tuple[Query, list[
     if req.text is not None:
         return Query("text", text=_check_text(served, req.text, notes), **common), notes
     history = _known_items(served, "history", req.history) if req.history else ()
-    if req.user_id is not None and served.knows_user(req.user_id):
-        return Query("warm", user_id=req.user_id, history=history, **common), notes
+    user_idx = served.user_idx(req.user_id) if req.user_id is not None else -1
+    if user_idx >= 0:
+        return Query("warm", user_idx=user_idx, history=history, **common), notes
     if req.user_id is not None and not history:
         raise ApiError(404, f"user_id {req.user_id!r} is not a user known at training; send their history "
                             f'(item ids, oldest first: {{"history": ["i007", "i311"]}}) for a fold-in '
@@ -391,11 +396,12 @@ def _check_text(served: ServedModel, text: str, notes: list[str]) -> str:
     return text
 
 
-def _items(served: ServedModel, recs: list) -> list[dict]:
-    idx = served.item_idx([r.item_id for r in recs])
-    return [{"item_id": r.item_id, "score": r.score,
+def _items(served: ServedModel, ranked: list[tuple[int, float]]) -> list[dict]:
+    """The response's items: the one place where an answer's indices become raw ids."""
+    raw_ids = served.rec.items.raw_ids
+    return [{"item_id": raw_ids[i], "score": score,
              "title": served.titles[i] if served.titles else None,
-             "text": served.texts[i] if served.texts else None} for r, i in zip(recs, idx)]
+             "text": served.texts[i] if served.texts else None} for i, score in ranked]
 
 
 def _jsonable(value: Any) -> Any:
@@ -487,8 +493,8 @@ def build_fastapi_app(get_model: Callable[[], ServedModel | None], run_query: Qu
             if idx < 0:
                 raise ApiError(404, f"item_id {item_id!r} is not in the {served.n_items}-item catalogue; ids look "
                                     f"like {served.rec.items.raw_ids[0]!r}.", unknown=[item_id])
-            raw = served.rec.items.raw_ids[idx]
-            return {"item_id": raw, **_jsonable(served.rec.item_info(raw)), "model_id": served.model_id}
+            return {"item_id": served.rec.items.raw_ids[idx], **_jsonable(served.rec.item_row(idx)),
+                    "model_id": served.model_id}
 
     @app.get("/healthz", summary="Liveness, and which model is loaded.")
     async def healthz() -> dict:

@@ -15,7 +15,8 @@ import pytest
 from conftest import free_port, make_artifact
 from raysparse.cli import build_parser, main
 from raysparse.client import ClientError, RecommenderClient, RequestRejected, ServerUnreachable
-from raysparse.http_api import artifact_token, build_plain_app
+from raysparse.http_api import (Query, RecommendRequest, ServedModel, artifact_token, build_fastapi_app,
+                                build_plain_app, plan_query, recommend_many)
 from raysparse.serve_config import ServeConfig, serve_config_from_args
 
 
@@ -114,6 +115,42 @@ def test_client_says_when_no_server_answers():
             c.health()
     with pytest.raises(ClientError, match=r"must start with http:// or https://"):
         RecommenderClient("127.0.0.1:8000")
+
+
+# ---- ids: raw -> index once (planning), index -> raw once (the response) ------------------------------------
+
+
+def test_a_request_converts_ids_once_and_answers_as_before(artifact, rec, monkeypatch):
+    """plan_query turns the request's raw ids into indices; scoring and the response look no id up again
+    (every vocabulary lookup raises below), and the answers equal the raw-id Python API's to the bit."""
+    from fastapi.testclient import TestClient
+
+    served = ServedModel.load(artifact)
+    item, user = (lambda i: int(rec.items.to_idx([i])[0])), (lambda u: int(rec.users.to_idx([u])[0]))
+    query, notes = plan_query(served, RecommendRequest(user_id="u003", history=["i002", "i010"], exclude=["i006"],
+                                                       k=5))
+    assert notes == [] and query == Query("warm", k=5, exclude=(item("i006"),), user_idx=user("u003"),
+                                          history=(item("i002"), item("i010")))
+    other, _ = plan_query(served, RecommendRequest(user_id="u001", k=3))
+
+    def looked_up(*_: object) -> None:
+        raise AssertionError("an id was converted again after planning")
+
+    for vocab in (served.rec.users, served.rec.items):
+        for name in ("lookup", "to_idx", "to_raw"):
+            monkeypatch.setattr(vocab, name, looked_up)
+    expected = rec.recommend(user_ids=["u003"], histories=[["i002", "i010"]], exclude=["i006"], k=5)[0]
+    [alone] = recommend_many(served, [query])
+    assert [(served.rec.items.raw_ids[i], score) for i, score in alone] == [(r.item_id, r.score) for r in expected]
+    batched = recommend_many(served, [query, other])[0]  # one matmul for both users: float32 rounding may differ
+    assert [served.rec.items.raw_ids[i] for i, _ in batched] == [r.item_id for r in expected]
+    np.testing.assert_allclose([score for _, score in batched], [r.score for r in expected], rtol=0, atol=1e-6)
+    http = TestClient(build_fastapi_app(lambda: served))
+    data = http.post("/recommend", json={"user_id": "u001", "k": 5}).json()
+    assert data["path"] == "warm"
+    assert [(i["item_id"], i["score"]) for i in data["items"]] == \
+        [(r.item_id, r.score) for r in rec.recommend(user_ids=["u001"], k=5)[0]]
+    assert http.get("/items/i007").json()["title"] == rec.item_info("i007")["title"]
 
 
 # ---- raysparse query -------------------------------------------------------------------------------------------
