@@ -4,8 +4,8 @@
         ray job submit --working-dir . -- python jobs/serve.py --artifact /shared/runs/demo/artifact
 
 Submitting again with another --artifact hot-swaps the model of the running app (no failed requests).
-Flags are those of `raysparse serve` (`python jobs/serve.py --help`); the artifact path must be readable on the
-nodes that run replicas.
+Flags are those of `raysparse serve` (`python jobs/serve.py --help`: --config FILE, --set serve.KEY=VALUE, one
+flag per key); the artifact path must be readable on the nodes that run replicas.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""ServeConfig: how an artifact is served (address, replicas, autoscaling, batching), one flag per field.
+"""ServeConfig: how an artifact is served (address, replicas, autoscaling, batching), and where it is read from.
 
-Ray-free: the plain server reads it as well as the Serve deployment.
+The same mechanism as the run's config: a YAML file (its `serve:` section) plus `--set serve.KEY=VALUE`, each
+key typed and checked by config.py's helpers. `raysparse serve` also keeps one flag per key (`--port 8001`,
+the shortcut of `--set serve.port=8001`). Later wins: file, then --set, then flags. Ray-free: the plain server
+reads it as well as the Serve deployment.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from raysparse.config import option
+from raysparse.config import Config, option, parse_set_value, read_config_file, section_from_dict
 from raysparse.errors import ConfigError
 
 
@@ -41,8 +46,9 @@ class ServeConfig:
     access_log: bool = option(True, "Log one line per request (proxy and replicas); off for load tests.")
 
     def __post_init__(self) -> None:
+        types = {"str": str, "int": int, "float": (int, float), "bool": bool}
         for f in dataclasses.fields(self):
-            value, expected = getattr(self, f.name), {"str": str, "int": int, "float": (int, float), "bool": bool}[f.type]
+            value, expected = getattr(self, f.name), types[f.type]
             if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, expected):
                 raise ConfigError(f"serve.{f.name}={value!r} has the wrong type: expected {f.type} "
                                   f"(flag --{_flag(f.name)}).")
@@ -94,17 +100,58 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+# A run's YAML file may carry a `serve:` section beside the run's own keys; `raysparse serve` leaves those to
+# train and tune (the served model's config comes from the artifact).
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(Config)) + ("tune",)
+
+
+def load_serve_config(path: str | Path | None = None, sets: list[str] | None = None,
+                      flags: dict[str, Any] | None = None) -> ServeConfig:
+    """ServeConfig from a YAML file's `serve:` section, then `--set serve.KEY=VALUE` strings, then per-key flag
+    values (`{"port": 8001}`); each later one wins. Unknown keys and wrong types raise a ConfigError."""
+    raw = read_config_file(path)
+    if path:
+        other = [key for key in raw if key != "serve" and key not in RUN_KEYS]
+        if other:
+            raise ConfigError(f"Unknown top-level key(s) {other} in config file {str(path)!r}; serve keys go under "
+                              f"`serve:`, e.g. `serve: {{port: 8001}}`.")
+        if not isinstance(raw.get("serve"), dict):
+            raise ConfigError(f"Config file {str(path)!r} has no `serve:` section; put the serve keys under it, "
+                              f"e.g. `serve: {{port: 8001}}`.")
+    values = dict(raw.get("serve") or {})
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    for item in sets or []:
+        key, eq, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not eq or section != "serve":
+            raise ConfigError(f"--set {item!r} must look like serve.KEY=VALUE, e.g. serve.port=8001 (the model's "
+                              f"own keys come from the artifact).")
+        values[name] = parse_set_value(text, declared=str(fields[name].type) if name in fields else "")
+    values.update(flags or {})
+    return section_from_dict("serve", ServeConfig, values)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServeConfig field (`--max-batch-size`), with the field's help text and default."""
+    """--config, --set serve.KEY=VALUE and one flag per ServeConfig field (`--max-batch-size`), each flag with
+    the field's help text, its key and its default."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file whose `serve:` section sets the keys below (a run's other sections may "
+                             "stand beside it).")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="serve.KEY=VALUE",
+                        help="Set one key below; repeatable; wins over --config, and a key's own flag wins over "
+                             "both. E.g. --set serve.port=8001 (or --port 8001).")
     for f in dataclasses.fields(ServeConfig):
+        shown = f"{f.metadata['help']} (serve.{f.name}; default: {f.default})"
         if f.type == "bool":
             parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+                                default=None, help=shown)
             continue
         kind = {"str": str, "int": int, "float": float}[f.type]
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=None, help=shown)
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    """The ServeConfig of parsed `add_serve_arguments` flags: --config, then --set, then the flags given."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
+             if getattr(args, f.name) is not None}
+    return load_serve_config(args.config, args.sets, flags)

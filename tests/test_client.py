@@ -3,6 +3,7 @@ thread), plus the `serve` command's argument handling. No Ray here: these run in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from raysparse.cli import build_parser, main
 from raysparse.client import ClientError, RecommenderClient, RequestRejected, ServerUnreachable
 from raysparse.http_api import (Query, RecommendRequest, ServedModel, artifact_token, build_fastapi_app,
                                 build_plain_app, plan_query, recommend_many)
-from raysparse.serve_config import ServeConfig, serve_config_from_args
+from raysparse.errors import ConfigError
+from raysparse.serve_config import ServeConfig, load_serve_config, serve_config_from_args
 
 
 class PlainServer:
@@ -196,11 +198,58 @@ def test_serve_flags_map_onto_serve_config():
     assert config.host == "127.0.0.1" and config.autoscaling and config.torch_threads == 2
 
 
+def test_serve_reads_a_yaml_serve_section_and_set_like_train(tmp_path):
+    """One mechanism for every key: the file's serve: section, then --set serve.KEY=VALUE, then the key's flag."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: {fusion_dim: 64}\n"      # a run's sections may stand beside serve:
+                    "serve: {port: 9001, max_batch_size: 16, host: 0.0.0.0, access_log: false}\n")
+    args = build_parser().parse_args(["serve", "--artifact", "x", "--config", str(path),
+                                      "--set", "serve.max_batch_size=8", "--set", "serve.app_name=on",
+                                      "--set", "serve.port=9002", "--port", "9003"])
+    assert serve_config_from_args(args) == ServeConfig(port=9003, max_batch_size=8, host="0.0.0.0", app_name="on",
+                                                       access_log=False)
+    assert load_serve_config(path) == ServeConfig(port=9001, max_batch_size=16, host="0.0.0.0", access_log=False)
+    assert load_serve_config(sets=["serve.batch_wait_timeout_s=1e-3", "serve.access_log=no"]) == \
+        ServeConfig(batch_wait_timeout_s=0.001, access_log=False)
+
+
+@pytest.mark.parametrize("sets, text, message", [
+    (["serve.max_k=5"], None, r"Unknown config key 'serve.max_k'. Did you mean max_replicas, max_ongoing_requests, "
+                              r"max_batch_size\? Known keys of 'serve': host, port, "),
+    (["model.fusion_dim=64"], None, r"--set 'model.fusion_dim=64' must look like serve.KEY=VALUE, e.g. "
+                                    r"serve.port=8001"),
+    (["serve.port"], None, r"must look like serve.KEY=VALUE"),
+    (["serve.port=abc"], None, r"serve.port='abc' has the wrong type: expected int. Example: --set serve.port=3"),
+    ([], "serve: {prot: 8001}", r"Unknown config key 'serve.prot'.* Known keys of 'serve': host, port"),
+    ([], "serv: {port: 8001}", r"Unknown top-level key\(s\) \['serv'\] in config file .*serve keys go under `serve:`"),
+    ([], "model: {fusion_dim: 64}", r"has no `serve:` section; put the serve keys under it"),
+    ([], "serve: {max_batch_size: 128}", r"raise --max-ongoing-requests to at least 128"),
+])
+def test_serve_file_and_set_errors_name_the_key_and_the_fix(tmp_path, sets, text, message):
+    path = None
+    if text is not None:
+        path = tmp_path / "serve.yaml"
+        path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_serve_config(path, sets)
+
+
+def test_serve_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--config FILE" in shown and "--set serve.KEY=VALUE" in shown
+    for f in dataclasses.fields(ServeConfig):
+        assert f"(serve.{f.name}; default: {f.default})" in shown
+
+
 def test_serve_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
     assert main(["serve", "--artifact", str(tmp_path), "--max-batch-size", "100"]) == 2
     assert "raise --max-ongoing-requests to at least 100" in capsys.readouterr().err
     assert main(["serve", "--artifact", str(tmp_path)]) == 2
     assert "is not a raysparse artifact (no format.json)" in capsys.readouterr().err
+    assert main(["serve", "--artifact", str(tmp_path), "--set", "serve.max_k=5"]) == 2
+    assert "error: Unknown config key 'serve.max_k'." in capsys.readouterr().err
 
 
 # ---- the HTTP layer needs no Ray ----------------------------------------------------------------------------
