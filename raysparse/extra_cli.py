@@ -14,6 +14,7 @@ import time
 from raysparse.client import DEFAULT_URL, RecommenderClient
 from raysparse.errors import UserError
 from raysparse.http_api import check_artifact, run_plain
+from raysparse.ray_serve import deploy
 from raysparse.serve_config import add_serve_arguments, serve_config_from_args
 
 
@@ -58,8 +59,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import ray
     from ray import serve
-
-    from raysparse.ray_serve import deploy
 
     ray.init(address=args.address or "local")
     url = deploy(artifact, config)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Literal, Sequence, Union
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -507,8 +509,6 @@ def build_plain_app(artifact: str | Path, torch_threads: int | None = None) -> F
     """The same API without Ray: one process, no replicas, no batching, no hot swap. The benchmark's baseline,
     and a way to serve where Ray is not installed (`raysparse serve --plain`)."""
     if torch_threads:
-        import torch
-
         torch.set_num_threads(torch_threads)
     served = ServedModel.load(artifact)
     return build_fastapi_app(lambda: served)
@@ -516,8 +516,6 @@ def build_plain_app(artifact: str | Path, torch_threads: int | None = None) -> F
 
 def run_plain(artifact: str | Path, config: ServeConfig) -> None:
     """Serve `build_plain_app` with uvicorn on config.host:port until interrupted."""
-    import uvicorn
-
     if config.route_prefix != "/":
         raise ConfigError(f"serve.route_prefix={config.route_prefix!r} is not supported without Ray; serve at '/' "
                           f"(drop --route-prefix) or drop --plain.")

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 from raysparse.errors import UserError
@@ -45,8 +46,6 @@ def deployment_class() -> Any:
         """One replica: loads the artifact once (item vectors included) and batches requests across clients."""
 
         def __init__(self, artifact: str, config: dict) -> None:
-            import torch
-
             serve_config = ServeConfig(**config)
             torch.set_num_threads(serve_config.torch_threads)
             for batched, wait_s in ((self.recommend_texts, serve_config.text_batch_wait_timeout_s),
