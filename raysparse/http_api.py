@@ -270,7 +270,7 @@ class Query:
     text: str | None = None      # text
 
     def group(self) -> tuple:
-        """Queries of one group share one `recommend` call."""
+        """Queries of one group share one `Recommender.top_k` call."""
         return (self.path, self.exclude_seen)
 
 
