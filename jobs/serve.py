@@ -4,8 +4,8 @@
         ray job submit --working-dir . -- python jobs/serve.py --artifact /shared/runs/demo/artifact
 
 Submitting again with another --artifact hot-swaps the model of the running app (no failed requests).
-Flags are those of `raysparse serve` (`python jobs/serve.py --help`); the artifact path must be readable on the
-nodes that run replicas.
+Flags are those of `raysparse serve` (`python jobs/serve.py --help`: --config FILE, --set serve.KEY=VALUE, one
+flag per key); the artifact path must be readable on the nodes that run replicas.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from raysparse.errors import UserError
-from raysparse.ray_serve import add_serve_arguments, check_artifact, deploy, serve_config_from_args
+from raysparse.http_api import check_artifact
+from raysparse.ray_serve import deploy
+from raysparse.serve_config import add_serve_arguments, serve_config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -348,10 +348,11 @@ def _example(target: Any) -> str:
     return {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]"}.get(target, "...")
 
 
-def parse_set_value(text: str, key: str = "") -> Any:
+def parse_set_value(text: str, key: str = "", declared: str = "") -> Any:
     # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
     # string option takes the text as written (YAML would read "{title}" as the mapping {"title": None}).
-    if _declared_type(key) == "str":
+    # `declared`: the field's type when `key` is not a Config key (a ServeConfig field).
+    if (declared or _declared_type(key)) == "str":
         return text
     try:
         return yaml.safe_load(text)
@@ -391,7 +392,7 @@ def config_from_dict(raw: dict | None, overrides: dict[str, Any] | None = None) 
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"Config section '{key}' must be a mapping of keys, got {value!r}.")
-            kwargs[key] = _section_from_dict(key, SECTIONS[key], value)
+            kwargs[key] = section_from_dict(key, SECTIONS[key], value)
         else:
             kwargs[key] = coerce_value(key, value, top_fields[key].type)
     return Config(**kwargs)
@@ -407,7 +408,9 @@ REMOVED_OPTIONS = {
 }
 
 
-def _section_from_dict(section: str, cls: type, values: dict) -> Any:
+def section_from_dict(section: str, cls: type, values: dict) -> Any:
+    """`cls` (a section's dataclass) from its mapping; unknown keys and wrong types are ConfigErrors naming
+    SECTION.KEY and the known keys. Config's sections and ServeConfig read this way."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():

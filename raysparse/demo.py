@@ -69,9 +69,10 @@ def run_on_ray(config, trials: int) -> int:
     from raysparse import Recommender
     from raysparse.client import RecommenderClient
     from raysparse.local import epoch_line
-    from raysparse.ray_serve import ServeConfig, deploy
+    from raysparse.ray_serve import deploy
     from raysparse.ray_train import run_ray_training
     from raysparse.ray_tune import tune_config_from_dict, run_tune
+    from raysparse.serve_config import ServeConfig
 
     # Workers' and Ray's own output (actor logs, controller warnings) stay in the session's log files; this
     # process prints the story: each stage, its metrics, the three answers.

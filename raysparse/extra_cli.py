@@ -13,7 +13,9 @@ import time
 
 from raysparse.client import DEFAULT_URL, RecommenderClient
 from raysparse.errors import UserError
-from raysparse.ray_serve import add_serve_arguments, check_artifact, serve_config_from_args
+from raysparse.http_api import check_artifact, run_plain
+from raysparse.ray_serve import deploy
+from raysparse.serve_config import add_serve_arguments, serve_config_from_args
 
 
 def register(subparsers) -> None:
@@ -49,8 +51,6 @@ def run_serve(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args)        # bad flags fail here, before anything starts
     artifact = check_artifact(args.artifact)
     if args.plain:
-        from raysparse.ray_serve import run_plain
-
         if args.address:
             raise UserError("--plain serves without Ray; drop --address (or drop --plain).")
         print(f"serving {artifact} without Ray at {config.url()} (docs: {config.url()}/docs)", flush=True)
@@ -59,8 +59,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import ray
     from ray import serve
-
-    from raysparse.ray_serve import deploy
 
     ray.init(address=args.address or "local")
     url = deploy(artifact, config)

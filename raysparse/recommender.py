@@ -174,17 +174,45 @@ class Recommender:
             raise UserError("send texts alone, or user_ids and/or histories; not texts with them.")
         if not any(given):
             raise UserError("nothing to recommend for: pass user_ids, histories or texts.")
+        if texts is not None and any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise UserError("every text must be a non-empty string describing the user's interests.")
+        user_idx = self.users.to_idx(list(user_ids)) if user_ids is not None else None
+        history_idx = self._history_idx(histories, user_ids) if histories is not None else None
+        exclude_idx = self.items.to_idx(list(exclude)) if exclude else None
+        rows = self.top_k(user_idx, history_idx, texts, k, exclude_seen, exclude_idx)
+        return [[Recommendation(self.items.raw_ids[i], score) for i, score in row] for row in rows]
+
+    def _history_idx(self, histories: Sequence[Sequence], user_ids: Sequence | None) -> list[np.ndarray]:
+        """Raw item ids per user, oldest first -> item_idx arrays, oldest first."""
+        if user_ids is not None and len(histories) != len(user_ids):
+            raise UserError(f"got {len(user_ids)} user_ids but {len(histories)} histories; send one each.")
+        out = []
+        for h in histories:
+            if isinstance(h, (str, bytes)) or not hasattr(h, "__len__"):
+                raise UserError("each history must be a list of item ids, oldest first.")
+            if len(h) == 0 and user_ids is None:
+                raise UserError("a history is empty: send at least one item id, or a text instead.")
+            out.append(self.items.to_idx(list(h)) if len(h) else np.zeros(0, np.int64))
+        return out
+
+    # ---- top-k (index space: the server converts raw ids once, when it checks a request) --------------------
+    def top_k(self, user_idx: Sequence[int] | None = None, histories: Sequence[Sequence[int]] | None = None,
+              texts: Sequence[str] | None = None, k: int = 10, exclude_seen: bool = True,
+              exclude: Sequence[int] | None = None) -> list[list[tuple[int, float]]]:
+        """`recommend` in index space: (item_idx, score) pairs, best first, one list per user.
+
+        user_idx: known users. histories: item_idx per user, oldest first. texts: free texts (alone).
+        exclude: item_idx to leave out for every user. The arguments are checked by the caller (`recommend`,
+        or the HTTP API's `plan_query`): k in [1, min(MAX_K, items)], non-empty texts and fold-in histories.
+        """
         seen: list[np.ndarray]
         if texts is not None:
-            if any(not isinstance(t, str) or not t.strip() for t in texts):
-                raise UserError("every text must be a non-empty string describing the user's interests.")
             scores = self.score_texts(texts)
             seen = [np.zeros(0, np.int64) for _ in texts]
         else:
-            hist_idx = self._histories_newest_first(user_ids, histories)
-            scores = self.score_histories(hist_idx)
-            seen = [h for h in hist_idx]
-        excluded = self.items.to_idx(list(exclude)) if exclude else np.zeros(0, np.int64)
+            seen = self._histories_newest_first(user_idx, histories)
+            scores = self.score_histories(seen)
+        excluded = np.asarray(exclude, np.int64) if exclude is not None else np.zeros(0, np.int64)
         results = []
         for row in range(scores.shape[0]):
             s = scores[row].clone()
@@ -193,28 +221,19 @@ class Recommender:
             if len(excluded):
                 s[torch.as_tensor(excluded)] = float("-inf")
             top = torch.topk(s, k)
-            results.append([Recommendation(self.items.raw_ids[int(i)], float(v))
-                            for v, i in zip(top.values, top.indices) if torch.isfinite(v)])
+            results.append([(int(i), float(v)) for v, i in zip(top.values, top.indices) if torch.isfinite(v)])
         return results
 
-    def _histories_newest_first(self, user_ids, histories) -> list[np.ndarray]:
+    def _histories_newest_first(self, user_idx: Sequence[int] | None,
+                                histories: Sequence[Sequence[int]] | None) -> list[np.ndarray]:
         known: list[np.ndarray] | None = None
-        if user_ids is not None:
-            idx = self.users.to_idx(list(user_ids))
+        if user_idx is not None:
             # Serving reads the full training history (newest first) for exclusions; the model input is
             # capped at max_history inside user_inputs.
-            known = [self.builder.split.history(int(u))[::-1].copy() for u in idx]
+            known = [self.builder.split.history(int(u))[::-1].copy() for u in user_idx]
         new: list[np.ndarray] | None = None
         if histories is not None:
-            if user_ids is not None and len(histories) != len(user_ids):
-                raise UserError(f"got {len(user_ids)} user_ids but {len(histories)} histories; send one each.")
-            new = []
-            for h in histories:
-                if isinstance(h, (str, bytes)) or not hasattr(h, "__len__"):
-                    raise UserError("each history must be a list of item ids, oldest first.")
-                if len(h) == 0 and user_ids is None:
-                    raise UserError("a history is empty: send at least one item id, or a text instead.")
-                new.append(self.items.to_idx(list(h))[::-1].copy() if len(h) else np.zeros(0, np.int64))
+            new = [np.asarray(h, np.int64)[::-1].copy() for h in histories]
         if known is None:
             return new  # type: ignore[return-value]
         if new is None:
@@ -222,6 +241,9 @@ class Recommender:
         return [np.concatenate([n, k]) for n, k in zip(new, known)]
 
     def item_info(self, item_id) -> dict:
-        idx = self.items.to_idx([item_id])[0]
-        row = {} if self.item_table is None else self.item_table.iloc[int(idx)].to_dict()
+        return self.item_row(int(self.items.to_idx([item_id])[0]))
+
+    def item_row(self, item_idx: int) -> dict:
+        """The catalogue row of one item (plain Python values; {} without a catalogue)."""
+        row = {} if self.item_table is None else self.item_table.iloc[item_idx].to_dict()
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

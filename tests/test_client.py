@@ -3,6 +3,7 @@ thread), plus the `serve` command's argument handling. No Ray here: these run in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import pytest
 from conftest import free_port, make_artifact
 from raysparse.cli import build_parser, main
 from raysparse.client import ClientError, RecommenderClient, RequestRejected, ServerUnreachable
-from raysparse.ray_serve import ServeConfig, artifact_token, serve_config_from_args
+from raysparse.http_api import (Query, RecommendRequest, ServedModel, artifact_token, build_fastapi_app,
+                                build_plain_app, plan_query, recommend_many)
+from raysparse.errors import ConfigError
+from raysparse.serve_config import ServeConfig, load_serve_config, serve_config_from_args
 
 
 class PlainServer:
@@ -23,8 +27,6 @@ class PlainServer:
 
     def __init__(self, artifact: str):
         import uvicorn
-
-        from raysparse.ray_serve import build_plain_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,6 +119,42 @@ def test_client_says_when_no_server_answers():
         RecommenderClient("127.0.0.1:8000")
 
 
+# ---- ids: raw -> index once (planning), index -> raw once (the response) ------------------------------------
+
+
+def test_a_request_converts_ids_once_and_answers_as_before(artifact, rec, monkeypatch):
+    """plan_query turns the request's raw ids into indices; scoring and the response look no id up again
+    (every vocabulary lookup raises below), and the answers equal the raw-id Python API's to the bit."""
+    from fastapi.testclient import TestClient
+
+    served = ServedModel.load(artifact)
+    item, user = (lambda i: int(rec.items.to_idx([i])[0])), (lambda u: int(rec.users.to_idx([u])[0]))
+    query, notes = plan_query(served, RecommendRequest(user_id="u003", history=["i002", "i010"], exclude=["i006"],
+                                                       k=5))
+    assert notes == [] and query == Query("warm", k=5, exclude=(item("i006"),), user_idx=user("u003"),
+                                          history=(item("i002"), item("i010")))
+    other, _ = plan_query(served, RecommendRequest(user_id="u001", k=3))
+
+    def looked_up(*_: object) -> None:
+        raise AssertionError("an id was converted again after planning")
+
+    for vocab in (served.rec.users, served.rec.items):
+        for name in ("lookup", "to_idx", "to_raw"):
+            monkeypatch.setattr(vocab, name, looked_up)
+    expected = rec.recommend(user_ids=["u003"], histories=[["i002", "i010"]], exclude=["i006"], k=5)[0]
+    [alone] = recommend_many(served, [query])
+    assert [(served.rec.items.raw_ids[i], score) for i, score in alone] == [(r.item_id, r.score) for r in expected]
+    batched = recommend_many(served, [query, other])[0]  # one matmul for both users: float32 rounding may differ
+    assert [served.rec.items.raw_ids[i] for i, _ in batched] == [r.item_id for r in expected]
+    np.testing.assert_allclose([score for _, score in batched], [r.score for r in expected], rtol=0, atol=1e-6)
+    http = TestClient(build_fastapi_app(lambda: served))
+    data = http.post("/recommend", json={"user_id": "u001", "k": 5}).json()
+    assert data["path"] == "warm"
+    assert [(i["item_id"], i["score"]) for i in data["items"]] == \
+        [(r.item_id, r.score) for r in rec.recommend(user_ids=["u001"], k=5)[0]]
+    assert http.get("/items/i007").json()["title"] == rec.item_info("i007")["title"]
+
+
 # ---- raysparse query -------------------------------------------------------------------------------------------
 
 
@@ -160,11 +198,58 @@ def test_serve_flags_map_onto_serve_config():
     assert config.host == "127.0.0.1" and config.autoscaling and config.torch_threads == 2
 
 
+def test_serve_reads_a_yaml_serve_section_and_set_like_train(tmp_path):
+    """One mechanism for every key: the file's serve: section, then --set serve.KEY=VALUE, then the key's flag."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: {fusion_dim: 64}\n"      # a run's sections may stand beside serve:
+                    "serve: {port: 9001, max_batch_size: 16, host: 0.0.0.0, access_log: false}\n")
+    args = build_parser().parse_args(["serve", "--artifact", "x", "--config", str(path),
+                                      "--set", "serve.max_batch_size=8", "--set", "serve.app_name=on",
+                                      "--set", "serve.port=9002", "--port", "9003"])
+    assert serve_config_from_args(args) == ServeConfig(port=9003, max_batch_size=8, host="0.0.0.0", app_name="on",
+                                                       access_log=False)
+    assert load_serve_config(path) == ServeConfig(port=9001, max_batch_size=16, host="0.0.0.0", access_log=False)
+    assert load_serve_config(sets=["serve.batch_wait_timeout_s=1e-3", "serve.access_log=no"]) == \
+        ServeConfig(batch_wait_timeout_s=0.001, access_log=False)
+
+
+@pytest.mark.parametrize("sets, text, message", [
+    (["serve.max_k=5"], None, r"Unknown config key 'serve.max_k'. Did you mean max_replicas, max_ongoing_requests, "
+                              r"max_batch_size\? Known keys of 'serve': host, port, "),
+    (["model.fusion_dim=64"], None, r"--set 'model.fusion_dim=64' must look like serve.KEY=VALUE, e.g. "
+                                    r"serve.port=8001"),
+    (["serve.port"], None, r"must look like serve.KEY=VALUE"),
+    (["serve.port=abc"], None, r"serve.port='abc' has the wrong type: expected int. Example: --set serve.port=3"),
+    ([], "serve: {prot: 8001}", r"Unknown config key 'serve.prot'.* Known keys of 'serve': host, port"),
+    ([], "serv: {port: 8001}", r"Unknown top-level key\(s\) \['serv'\] in config file .*serve keys go under `serve:`"),
+    ([], "model: {fusion_dim: 64}", r"has no `serve:` section; put the serve keys under it"),
+    ([], "serve: {max_batch_size: 128}", r"raise --max-ongoing-requests to at least 128"),
+])
+def test_serve_file_and_set_errors_name_the_key_and_the_fix(tmp_path, sets, text, message):
+    path = None
+    if text is not None:
+        path = tmp_path / "serve.yaml"
+        path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_serve_config(path, sets)
+
+
+def test_serve_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--config FILE" in shown and "--set serve.KEY=VALUE" in shown
+    for f in dataclasses.fields(ServeConfig):
+        assert f"(serve.{f.name}; default: {f.default})" in shown
+
+
 def test_serve_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
     assert main(["serve", "--artifact", str(tmp_path), "--max-batch-size", "100"]) == 2
     assert "raise --max-ongoing-requests to at least 100" in capsys.readouterr().err
     assert main(["serve", "--artifact", str(tmp_path)]) == 2
     assert "is not a raysparse artifact (no format.json)" in capsys.readouterr().err
+    assert main(["serve", "--artifact", str(tmp_path), "--set", "serve.max_k=5"]) == 2
+    assert "error: Unknown config key 'serve.max_k'." in capsys.readouterr().err
 
 
 # ---- the HTTP layer needs no Ray ----------------------------------------------------------------------------
@@ -180,10 +265,11 @@ class Block:
             raise ImportError("ray is blocked in this test")
 sys.meta_path.insert(0, Block())
 from fastapi.testclient import TestClient
-from raysparse.ray_serve import build_plain_app
-import raysparse.client, raysparse.extra_cli
+from raysparse.http_api import build_plain_app
+import raysparse.client, raysparse.extra_cli, raysparse.ray_serve
 response = TestClient(build_plain_app({artifact!r})).post("/recommend", json={{"user_id": "u001", "k": 2}})
 assert response.status_code == 200, response.text
+assert not any(m.split(".")[0] == "ray" for m in sys.modules)
 print(response.json()["path"])
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -193,8 +279,6 @@ print(response.json()["path"])
 
 def test_text_on_a_model_without_text_tower_is_a_422(tmp_path_factory, frames, tiny_encoder):
     from fastapi.testclient import TestClient
-
-    from raysparse.ray_serve import build_plain_app
 
     dmf = make_artifact(tmp_path_factory, frames, tiny_encoder, seed=0, variant="dmf")
     http = TestClient(build_plain_app(dmf))

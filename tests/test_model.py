@@ -246,9 +246,17 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import raysparse
 from raysparse import Recommender
+from raysparse.http_api import RecommendRequest, ServedModel, plan_query, recommend_many
+from raysparse.serve_config import load_serve_config
 rec = Recommender.load(sys.argv[1])
 print(rec.recommend(user_ids=["u001"], k=3)[0][0].item_id)
 print(rec.recommend(texts=["galaxy"], k=3)[0][0].item_id)
+# The HTTP API's request path (what the plain server and the Serve replica run) and its config are core too.
+served = ServedModel.load(sys.argv[1])
+query, _ = plan_query(served, RecommendRequest(user_id="u001", k=3))
+expected = [r.item_id for r in rec.recommend(user_ids=["u001"], k=3)[0]]
+assert [rec.items.raw_ids[i] for i, _ in recommend_many(served, [query])[0]] == expected
+assert load_serve_config(sets=["serve.port=8001"]).port == 8001
 assert not any(m.split(".")[0] in ("ray", "deepspeed") for m in sys.modules)
 print("ok")
 """

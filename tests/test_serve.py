@@ -19,7 +19,9 @@ import pytest
 
 from conftest import free_port, make_artifact
 from raysparse.errors import ConfigError
-from raysparse.ray_serve import ServeConfig, artifact_token, deploy
+from raysparse.http_api import artifact_token
+from raysparse.ray_serve import deploy
+from raysparse.serve_config import ServeConfig
 
 APP = "raysparse-test"
 

@@ -1,5 +1,5 @@
 """`raysparse bench serve`: p50/p99 latency and QPS of the Ray Serve app against the same `Recommender` behind a
-plain uvicorn/FastAPI app (`build_plain_app`: the same routes, no batching), side by side in one run.
+plain uvicorn/FastAPI app (`http_api.build_plain_app`: the same routes, no batching), side by side in one run.
 
 Both servers run at once on 127.0.0.1 and are measured in alternation, cell by cell (request kind x
 concurrency), so machine noise hits both alike; compare the ratios, not the absolute numbers. Goals:
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from raysparse.bench.common import print_table
-from raysparse.ray_serve import ServeConfig
+from raysparse.serve_config import ServeConfig
 
 KINDS = ("warm", "text")
 

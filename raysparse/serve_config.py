@@ -1,0 +1,157 @@
+"""ServeConfig: how an artifact is served (address, replicas, autoscaling, batching), and where it is read from.
+
+The same mechanism as the run's config: a YAML file (its `serve:` section) plus `--set serve.KEY=VALUE`, each
+key typed and checked by config.py's helpers. `raysparse serve` also keeps one flag per key (`--port 8001`,
+the shortcut of `--set serve.port=8001`). Later wins: file, then --set, then flags. Ray-free: the plain server
+reads it as well as the Serve deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysparse.config import Config, option, parse_set_value, read_config_file, section_from_dict
+from raysparse.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the model is served. The model itself comes from the artifact; its config has no serve section."""
+
+    host: str = option("127.0.0.1", "Address the HTTP proxy binds to. 127.0.0.1 keeps the API on this machine; "
+                                    "0.0.0.0 opens it to the network (put authentication in front first).")
+    port: int = option(8000, "HTTP port of the Serve proxy.")
+    app_name: str = option("raysparse", "Serve application name; deploying again under this name hot-swaps the "
+                                        "model of the running app.")
+    route_prefix: str = option("/", "URL prefix of the API, e.g. /recsys.")
+    num_replicas: int = option(1, "Replicas when autoscaling is off (max_replicas = 0).")
+    min_replicas: int = option(1, "Autoscaling: fewest replicas (>= 1, so the model stays loaded).")
+    max_replicas: int = option(0, "Autoscaling: most replicas; > 0 turns autoscaling on, 0 keeps num_replicas.")
+    target_ongoing_requests: float = option(8.0, "Autoscaling: in-flight requests per replica it aims for.")
+    num_cpus_per_replica: float = option(1.0, "CPUs reserved per replica; also torch's thread count there.")
+    num_gpus_per_replica: float = option(0.0, "GPUs reserved per replica (0 on CPU machines).")
+    max_ongoing_requests: int = option(64, "Requests one replica works on at once; >= max_batch_size, or text "
+                                           "batches can never fill.")
+    max_batch_size: int = option(32, "Most requests scored together (text and user/history requests batch apart).")
+    batch_wait_timeout_s: float = option(0.0, "user_id/history requests: extra wait for a batch to fill after its "
+                                              "first request. 0: take what queued while the previous batch ran (no "
+                                              "added latency when idle).")
+    text_batch_wait_timeout_s: float = option(0.005, "text requests: the same wait. An encoder pass costs ~10 ms a "
+                                                    "text alone but a fraction of that in a batch, so waiting pays "
+                                                    "under load.")
+    access_log: bool = option(True, "Log one line per request (proxy and replicas); off for load tests.")
+
+    def __post_init__(self) -> None:
+        types = {"str": str, "int": int, "float": (int, float), "bool": bool}
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), types[f.type]
+            if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, expected):
+                raise ConfigError(f"serve.{f.name}={value!r} has the wrong type: expected {f.type} "
+                                  f"(flag --{_flag(f.name)}).")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"serve.port={self.port} must be in [1, 65535]; e.g. --port 8000.")
+        if not self.host:
+            raise ConfigError("serve.host is empty; use --host 127.0.0.1 (this machine only) or an address.")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"serve.route_prefix={self.route_prefix!r} must start with '/'; e.g. "
+                              f"--route-prefix /recsys.")
+        if not self.app_name:
+            raise ConfigError("serve.app_name is empty; use e.g. --app-name raysparse.")
+        if self.num_replicas < 1:
+            raise ConfigError(f"serve.num_replicas={self.num_replicas} must be >= 1.")
+        if self.max_replicas == 0 and self.min_replicas != 1:
+            raise ConfigError(f"serve.min_replicas={self.min_replicas} needs autoscaling: also set --max-replicas "
+                              f"(>= min), or drop --min-replicas and use --num-replicas.")
+        if self.max_replicas < 0 or (self.max_replicas > 0 and not 1 <= self.min_replicas <= self.max_replicas):
+            raise ConfigError(f"autoscaling needs 1 <= serve.min_replicas <= serve.max_replicas, got "
+                              f"min_replicas={self.min_replicas}, max_replicas={self.max_replicas}; e.g. "
+                              f"--min-replicas 1 --max-replicas 4.")
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError(f"serve.target_ongoing_requests={self.target_ongoing_requests} must be > 0.")
+        for name in ("num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_timeout_s",
+                     "text_batch_wait_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 0 (flag --{_flag(name)}).")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"serve.max_batch_size={self.max_batch_size} must be >= 1 (1 turns batching off).")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(f"serve.max_ongoing_requests={self.max_ongoing_requests} is below "
+                              f"serve.max_batch_size={self.max_batch_size}, so a batch could never fill; raise "
+                              f"--max-ongoing-requests to at least {self.max_batch_size}.")
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > 0
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.num_cpus_per_replica))
+
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# A run's YAML file may carry a `serve:` section beside the run's own keys; `raysparse serve` leaves those to
+# train and tune (the served model's config comes from the artifact).
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(Config)) + ("tune",)
+
+
+def load_serve_config(path: str | Path | None = None, sets: list[str] | None = None,
+                      flags: dict[str, Any] | None = None) -> ServeConfig:
+    """ServeConfig from a YAML file's `serve:` section, then `--set serve.KEY=VALUE` strings, then per-key flag
+    values (`{"port": 8001}`); each later one wins. Unknown keys and wrong types raise a ConfigError."""
+    raw = read_config_file(path)
+    if path:
+        other = [key for key in raw if key != "serve" and key not in RUN_KEYS]
+        if other:
+            raise ConfigError(f"Unknown top-level key(s) {other} in config file {str(path)!r}; serve keys go under "
+                              f"`serve:`, e.g. `serve: {{port: 8001}}`.")
+        if not isinstance(raw.get("serve"), dict):
+            raise ConfigError(f"Config file {str(path)!r} has no `serve:` section; put the serve keys under it, "
+                              f"e.g. `serve: {{port: 8001}}`.")
+    values = dict(raw.get("serve") or {})
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    for item in sets or []:
+        key, eq, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not eq or section != "serve":
+            raise ConfigError(f"--set {item!r} must look like serve.KEY=VALUE, e.g. serve.port=8001 (the model's "
+                              f"own keys come from the artifact).")
+        values[name] = parse_set_value(text, declared=str(fields[name].type) if name in fields else "")
+    values.update(flags or {})
+    return section_from_dict("serve", ServeConfig, values)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --set serve.KEY=VALUE and one flag per ServeConfig field (`--max-batch-size`), each flag with
+    the field's help text, its key and its default."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file whose `serve:` section sets the keys below (a run's other sections may "
+                             "stand beside it).")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="serve.KEY=VALUE",
+                        help="Set one key below; repeatable; wins over --config, and a key's own flag wins over "
+                             "both. E.g. --set serve.port=8001 (or --port 8001).")
+    for f in dataclasses.fields(ServeConfig):
+        shown = f"{f.metadata['help']} (serve.{f.name}; default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=shown)
+            continue
+        kind = {"str": str, "int": int, "float": float}[f.type]
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=None, help=shown)
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of parsed `add_serve_arguments` flags: --config, then --set, then the flags given."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
+             if getattr(args, f.name) is not None}
+    return load_serve_config(args.config, args.sets, flags)
