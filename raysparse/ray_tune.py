@@ -570,7 +570,8 @@ def tune_trial(point: dict, shared: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysparse.ray_train import build_trainer, deepspeed_config
+    from raysparse.engine import deepspeed_config
+    from raysparse.ray_train import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     base = config_from_dict(shared["config"])
@@ -868,8 +869,9 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     from ray import tune
 
     from raysparse.ray_data import prepare_for_ray
+    from raysparse.engine import deepspeed_config
     from raysparse.ray_train import (SELECT_METRIC, absolute_paths, check_before_start, check_static,
-                                     cluster_capacity, connect, deepspeed_config, training_dataset)
+                                     cluster_capacity, connect, training_dataset)
 
     t0 = time.perf_counter()
     config = absolute_paths(config)

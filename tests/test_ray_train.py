@@ -43,7 +43,7 @@ def dataset_dir(tmp_path_factory, frames) -> Path:
 # ------------------------------------------------------------------------------------------------ DeepSpeed config
 
 def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import deepspeed_config
+    from raysparse.engine import deepspeed_config
 
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "train.grad_accum_steps=3",
                       "train.grad_clip=0.5", "train.weight_decay=0.01")
@@ -64,7 +64,7 @@ def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder,
 
 
 def test_user_deepspeed_json_overrides_generated_and_is_checked(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import deepspeed_config
+    from raysparse.engine import deepspeed_config
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000},
@@ -162,7 +162,7 @@ _ENGINE_SCRIPT = textwrap.dedent("""
     from raysparse.config import load_config
     from raysparse.build import prepare_data, build_model, build_batches
     from raysparse.step import compute_loss, param_groups, warmup_decay
-    from raysparse.ray_train import build_engine, deepspeed_config
+    from raysparse.engine import build_engine, deepspeed_config
     cfg = load_config({tiny!r}, ["output=" + sys.argv[3], "model.text_model=" + sys.argv[1],
                                 "model.dropout=0.0", "model.modality_dropout=0.0", "train.grad_accum_steps=2",
                                 "train.warmup_ratio=0.5", "train.lr=0.01", "train.text_lr=0.001",
@@ -423,7 +423,7 @@ def test_text_tower_flops_formula():
 
 def test_first_run_compilation_is_announced_only_until_the_extension_is_cached(tmp_path):
     from raysparse.config import config_from_dict
-    from raysparse.ray_train import first_run_compilation_note
+    from raysparse.engine import first_run_compilation_note
 
     cfg = config_from_dict({})
     assert "deepspeed_shm_comm" in first_run_compilation_note(cfg, str(tmp_path))

@@ -215,7 +215,8 @@ def _start_ray(args: argparse.Namespace, prepared):
 
 def _ray_run(config, prepared, prepared_ref, out: Path, workers: int, args: argparse.Namespace) -> dict:
     from raysparse.ray_data import build_example_dataset
-    from raysparse.ray_train import build_trainer, deepspeed_config
+    from raysparse.engine import deepspeed_config
+    from raysparse.ray_train import build_trainer
 
     cfg = config.replace(**{"ray.num_workers": workers, "output": str(out / f"ray{workers}"),
                             "ray.storage_path": str(out / f"ray{workers}" / "ray")})
@@ -323,7 +324,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     from raysparse.data.synthetic import generate_synthetic
     from raysparse.data.text import render_item_texts
     from raysparse.errors import ConfigError
-    from raysparse.ray_train import batch_to_device, build_engine, deepspeed_config, engine_dtype
+    from raysparse.engine import batch_to_device, build_engine, deepspeed_config, engine_dtype
     from raysparse.step import compute_loss
 
     cuda = torch.cuda.is_available() and not args.tiny
