@@ -90,7 +90,7 @@ def test_user_deepspeed_json_overrides_generated_and_is_checked(tmp_path, tiny_e
 
 
 def test_cluster_checks_name_the_problem_and_the_fix(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import check_before_start
+    from raysparse.preflight import check_before_start
 
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder)
     check_before_start(cfg, {"CPU": 2.0})
@@ -103,7 +103,7 @@ def test_cluster_checks_name_the_problem_and_the_fix(tmp_path, tiny_encoder, dat
 
 
 def test_run_folder_rules_for_new_runs_and_resume(tmp_path):
-    from raysparse.ray_train import check_run_folder
+    from raysparse.preflight import check_run_folder
 
     run = tmp_path / "ray" / "train"
     with pytest.raises(ConfigError, match="--resume: there is no run to continue"):
