@@ -249,6 +249,14 @@ from raysparse import Recommender
 rec = Recommender.load(sys.argv[1])
 print(rec.recommend(user_ids=["u001"], k=3)[0][0].item_id)
 print(rec.recommend(texts=["galaxy"], k=3)[0][0].item_id)
+# The training core: the epoch loop, the DeepSpeed config and engine (deepspeed only inside the functions
+# that start an engine), the checks before a distributed run.
+from raysparse.engine import DeepSpeedTraining, deepspeed_config
+from raysparse.local import run_local
+from raysparse.loop import train_epochs, train_local
+from raysparse.preflight import check_static
+assert deepspeed_config(rec.config, 2)["train_batch_size"] == 2 * rec.config.train.batch_size_per_worker
+assert check_static(rec.config)["zero_optimization"]["stage"] == rec.config.ray.zero_stage
 assert not any(m.split(".")[0] in ("ray", "deepspeed") for m in sys.modules)
 print("ok")
 """
