@@ -42,7 +42,8 @@ class Stepper(Protocol):
     optimizer: torch.optim.Optimizer  # its param_groups carry each group's name and current lr
 
     def start_epoch(self) -> None:
-        """Training mode (dropout on) before an epoch's first batch."""
+        """Training mode (dropout on) before an epoch's first batch; PlainStepper also restarts its count of
+        accumulated batches there."""
 
     def step(self, batch: Batch) -> float:
         """Forward, loss, backward; an optimizer step at each accumulation boundary. Returns the loss."""
@@ -114,7 +115,8 @@ def train_local(config: Config, model: nn.Module, builder: BatchBuilder, log: Ca
     keep_freed_memory()
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)  # one stream for every epoch's order, negatives and augmentation
-    steps = steps_per_epoch(len(builder.training_examples(tc.example_mode)[0]), tc)
+    steps = steps_per_epoch(len(builder.training_examples(tc.example_mode)[0]), tc.batch_size_per_worker,
+                            tc.max_steps_per_epoch)
     stepper = PlainStepper(model, tc, steps * tc.epochs // tc.grad_accum_steps)
     return train_epochs(
         tc, stepper,

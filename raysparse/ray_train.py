@@ -29,7 +29,6 @@ checkpoint list from there and workers continue after the last reported epoch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -51,7 +50,7 @@ from raysparse.loop import EpochLog, all_gather, train_epochs
 from raysparse.preflight import (RUN_NAME, absolute_paths, check_before_start, check_run_folder, check_static,
                                   launcher_max_resources, run_location)
 from raysparse.recommender import Recommender
-from raysparse.step import SELECT_METRIC, keep_freed_memory
+from raysparse.step import SELECT_METRIC, keep_freed_memory, steps_per_epoch
 
 if TYPE_CHECKING:
     import ray
@@ -87,23 +86,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             setattr(prepared.split, name, value.copy())
     ds_config, validate = loop_config["ds_config"], loop_config["validate"]
     micro = ds_config["train_micro_batch_size_per_gpu"]
-    steps = max(1, math.ceil((loop_config["n_examples"] // world) / micro))  # Ray splits shards equally
-    if tc.max_steps_per_epoch:
-        steps = min(steps, tc.max_steps_per_epoch)
+    steps = steps_per_epoch(loop_config["n_examples"] // world, micro, tc.max_steps_per_epoch)  # equal shards
     run = DeepSpeedTraining(config, prepared, ds_config, steps * tc.epochs // ds_config["gradient_accumulation_steps"],
                             rank, world)
     say = print if rank == 0 else (lambda line: None)
 
-    history: list[dict] = []
+    restored: list[dict] = []  # the history in the checkpoint Ray Train hands a restarted or resumed run
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            history = run.restore(Path(folder))
-        say(f"restored from the checkpoint of epoch {len(history)}; continuing with epoch {len(history) + 1}")
-    log = EpochLog(Path(config.output) / LOG_DIR, history) if rank == 0 else None
+            restored = run.restore(Path(folder))
+        say(f"restored from the checkpoint of epoch {len(restored)}; continuing with epoch {len(restored) + 1}")
+    log = EpochLog(Path(config.output) / LOG_DIR, restored) if rank == 0 else None
     workers = all_gather({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}, world)
     if log is not None:
-        log.add_workers(workers, first_epoch=len(history) + 1)
+        log.add_workers(workers, first_epoch=len(restored) + 1)
     shard = ray.train.get_dataset_shard("train")
 
     def epoch_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -124,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              checkpoint_dir_name=f"epoch_{record['epoch']:04d}")
 
     train_epochs(tc, run.stepper, epoch_batches, steps=steps, batch_size=micro, report=report,
-                 evaluate=(lambda epoch: run.evaluate()) if validate else None, history=history, world=world,
+                 evaluate=(lambda epoch: run.evaluate()) if validate else None, history=restored, world=world,
                  device=run.device, say=say)
     if log is not None:
         log.close()

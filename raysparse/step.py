@@ -164,6 +164,7 @@ def epochs_since_best(history: list[dict], metric: str) -> int:
     return len(values) - 1 - int(np.argmax(values))
 
 
-def steps_per_epoch(n_examples: int, cfg: TrainConfig, num_workers: int = 1) -> int:
-    steps = math.ceil(n_examples / (cfg.batch_size_per_worker * num_workers))
-    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+def steps_per_epoch(n_examples: int, batch_size: int, max_steps: int = 0) -> int:
+    """Batches in one pass over `n_examples`, capped at `max_steps` (train.max_steps_per_epoch; 0: no cap)."""
+    steps = math.ceil(n_examples / batch_size)
+    return min(steps, max_steps) if max_steps else steps
