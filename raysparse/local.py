@@ -13,9 +13,10 @@ import pandas as pd
 
 from raysparse.build import Prepared, build_batches, build_model, prepare_data
 from raysparse.config import Config
+from raysparse.loop import train_local
 from raysparse.metrics import evaluate, flatten
 from raysparse.recommender import Recommender
-from raysparse.step import SELECT_METRIC, train_local
+from raysparse.step import SELECT_METRIC
 from raysparse.text_prior import choose_text_prior
 
 
@@ -56,8 +57,7 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
             best.update(score=metrics[SELECT_METRIC], epoch=epoch, state=copy.deepcopy(model.state_dict()))
         return metrics
 
-    history = train_local(config, prepared, rec.model, rec.builder,
-                          log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
+    history = train_local(config, rec.model, rec.builder, log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
     rec.model.load_state_dict(best["state"])
     if config.train.choose_text_prior:
         apply_text_prior_choice(rec, prepared, log)

@@ -1,223 +1,133 @@
-"""Distributed training on Ray Train with a DeepSpeed engine: `raysparse train` (without --local) and
-`jobs/train.py`.
+"""Distributed training on Ray Train: `raysparse train` (without --local) and `jobs/train.py`. Only what
+calls Ray is here; the training itself is the core's (`raysparse.loop.train_epochs` stepping a DeepSpeed
+engine of `raysparse.engine`), the checks before a run are `raysparse.preflight`'s.
 
 Driver, `run_ray_training(config, resume)`:
-  1. Checks that need no data: the DeepSpeed JSON, the encoder, the cluster's CPUs/GPUs, the run folder
-     (`check_before_start`): a bad config is one ConfigError before any worker starts.
+  1. Checks that need no data (`preflight`: the DeepSpeed JSON, the encoder, the run folder) and the
+     cluster's CPUs/GPUs (`cluster_capacity`): a bad config is one ConfigError before any worker starts.
   2. Prepares the data (`raysparse.ray_data.prepare_for_ray`: pandas for small local data, Ray Data for
      URIs and large logs) and puts the `Prepared` split in the object store once; every worker builds the
-     same model and batches from it with `raysparse.build` (the split is what each worker needs anyway:
-     item columns and seen-item masks).
-  3. Builds the training-example dataset with `map_batches` (materialized) and `build_trainer(...).fit()`.
+     same model and batches from it (the split is what each worker needs anyway: item columns and seen-item
+     masks).
+  3. Builds the training-example dataset (`training_dataset`) and `build_trainer(...).fit()`.
   4. Copies the best checkpoint's artifact (by validation NDCG@10) to <output>/artifact, evaluates it on
      the validation and test splits in one process, writes <output>/summary.json. Same summary shape as
      `raysparse.local.run_local`.
 
-Worker, `train_loop_per_worker(loop_config)`: the loop of `raysparse.step.train_local` with
-`deepspeed.initialize` in place of the torch optimizer (`build_engine`): ZeRO stage, precision, gradient
-accumulation and clipping from `deepspeed_config`; the text encoder and the rest keep their own learning
-rates (param groups) under one warm-up + decay schedule (a torch LambdaLR that DeepSpeed steps at each
-accumulation boundary). Each epoch: train on this worker's shard, validate with the full-ranking protocol
-(each worker ranks a disjoint slice of users; ranks are all-gathered, so the metric is exactly the
-single-process one), then `ray.train.report(metrics, checkpoint)`. A checkpoint holds the DeepSpeed state
-(weights, optimizer, LR schedule; one optimizer shard per rank under ZeRO 1-2, merged by Ray into one
-folder), `train_state.json` (epoch, history) and `artifact/`, the self-contained serving artifact.
-Randomness (shuffling, negatives, dropout) is seeded from (train.seed, epoch, rank), so a restored run
-draws what the uninterrupted run would have drawn.
-
-Observability: rank 0 prints one line per epoch (plus a progress line every 15 s inside long epochs) and
-writes <output>/logs/metrics.jsonl, metrics.csv and TensorBoard events (`EpochLog`).
+Worker, `train_loop_per_worker(loop_config)`: builds `engine.DeepSpeedTraining` and runs the core loop on its
+shard of the dataset; each epoch's record and checkpoint (DeepSpeed state, `train_state.json` with the
+history, the serving `artifact/`) go to `ray.train.report`. Randomness (shuffling, negatives, dropout) is
+seeded from (train.seed, epoch, rank), so a restored run draws what the uninterrupted run would have drawn.
+Rank 0 prints one line per epoch (and a progress line every 15 s inside long epochs) and writes
+<output>/logs (`loop.EpochLog`: metrics.jsonl, metrics.csv, TensorBoard events, workers.jsonl).
 
 Fault tolerance: `FailureConfig(max_failures)` restarts the worker group from the latest checkpoint.
 `resume=True` re-attaches to the run folder (`<ray.storage_path>/train`); Ray Train V2 restores its
 checkpoint list from there and workers continue after the last reported epoch.
-
-Ray is imported inside functions, so `deepspeed_config` and `build_engine` also serve `raysparse bench
-gpu` on a GPU machine without Ray.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import shutil
-import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from raysparse.artifact import write_config
+from raysparse.build import Prepared, build_batches
 from raysparse.config import Config, config_from_dict
-from raysparse.data.examples import all_item_bags
+from raysparse.engine import DeepSpeedTraining, first_run_compilation_note, resolved_precision
 from raysparse.errors import ConfigError
-from raysparse.local import apply_text_prior_choice, epoch_line
-from raysparse.metrics import ScoreFn
+from raysparse.local import apply_text_prior_choice, epoch_line, validation_metrics
+from raysparse.loop import EpochLog, all_gather, train_epochs
+from raysparse.preflight import (RUN_NAME, absolute_paths, check_before_start, check_run_folder, check_static,
+                                  launcher_max_resources, run_location)
 from raysparse.recommender import Recommender
-from raysparse.step import SELECT_METRIC, epochs_since_best
+from raysparse.step import SELECT_METRIC, keep_freed_memory, steps_per_epoch
 
 if TYPE_CHECKING:
     import ray
     from ray.train.torch import TorchTrainer
 
-RUN_NAME = "train"
-TEST_KILL_ENV = "RAYSPARSE_TEST_KILL_AFTER_EPOCH"  # test hook: rank 1 (or 0) SIGKILLs itself once, next epoch
 LOG_DIR = "logs"
 
 
-# ------------------------------------------------------------------------------------------------ DeepSpeed
+# ------------------------------------------------------------------------------------------------ worker
 
-def resolved_precision(config: Config) -> str:
-    """'auto' -> bf16 on GPU, fp32 on CPU."""
-    precision = config.ray.precision
-    if precision == "auto":
-        return "bf16" if config.ray.use_gpu else "fp32"
-    return precision
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker. loop_config: config (dict), prepared (ObjectRef of a Prepared), n_examples (rows
+    of the training dataset), ds_config (`engine.deepspeed_config`), validate (False: no validation and no
+    artifact in checkpoints)."""
+    import ray
+    import ray.train
 
+    from raysparse.ray_data import iter_example_batches
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def read_user_deepspeed_config(path: str) -> dict:
-    """The JSON of ray.deepspeed_config, or a ConfigError saying what is wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ray.deepspeed_config={path!r} does not exist; pass the path of a DeepSpeed JSON file "
-                          f"or leave it empty to use the generated config.")
-    try:
-        user = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"ray.deepspeed_config={path!r} is not valid JSON ({err}); fix the file.") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"ray.deepspeed_config={path!r} must hold a JSON object, got {type(user).__name__}.")
-    return user
-
-
-def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The DeepSpeed config of a run: generated from train.* and ray.*, then ray.deepspeed_config's JSON
-    merged over it (its keys win). Raises ConfigError for combinations DeepSpeed would reject later.
-
-    Generated: micro-batch = train.batch_size_per_worker, gradient_accumulation_steps, gradient_clipping
-    (0 = off), AdamW (torch's multi-tensor implementation, as the plain loop: runs on CPU and GPU without
-    compiled extensions) with weight_decay, ZeRO stage, bf16 / fp16 / fp32. The learning rates come from the param groups
-    (train.lr, train.text_lr) and the warm-up + decay schedule; a "scheduler" in the user JSON replaces
-    that schedule and applies one learning rate to every group.
-    """
+    keep_freed_memory()
+    config = config_from_dict(loop_config["config"])
     tc, rc = config.train, config.ray
-    precision = resolved_precision(config)
-    generated: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": tc.batch_size_per_worker,
-        "gradient_accumulation_steps": tc.grad_accum_steps,
-        "gradient_clipping": float(tc.grad_clip),
-        "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
-                                                  "torch_adam": True, "foreach": True}},
-        "zero_optimization": {"stage": rc.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    user = read_user_deepspeed_config(rc.deepspeed_config) if rc.deepspeed_config else {}
-    merged = _deep_merge(generated, user)
-    micro, accum = merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]
-    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"DeepSpeed {key}={value!r} must be a positive integer; fix ray.deepspeed_config or "
-                              f"set train.batch_size_per_worker / train.grad_accum_steps.")
-    expected = micro * accum * world_size
-    if "train_batch_size" in user and user["train_batch_size"] != expected:
-        raise ConfigError(f"ray.deepspeed_config sets train_batch_size={user['train_batch_size']}, but micro-batch "
-                          f"{micro} x accumulation {accum} x {world_size} workers = {expected}. Remove "
-                          f"train_batch_size from the JSON (it is derived) or make the three agree.")
-    merged["train_batch_size"] = expected
-    if not rc.use_gpu and (merged.get("bf16", {}).get("enabled") or merged.get("fp16", {}).get("enabled")):
-        raise ConfigError("ray.deepspeed_config enables bf16/fp16, but ray.use_gpu=false: on CPU DeepSpeed trains "
-                          "in fp32. Disable them in the JSON or set ray.use_gpu=true on a GPU cluster.")
-    stage = merged.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"DeepSpeed zero_optimization.stage={stage!r} must be 0, 1, 2 or 3.")
-    return merged
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(rc.cpus_per_worker)))
+    if rc.use_gpu:
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    prepared = ray.get(loop_config["prepared"])
+    for name, value in vars(prepared.split).items():  # object-store arrays are read-only; scipy sorts CSRs in place
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            setattr(prepared.split, name, value.copy())
+    ds_config, validate = loop_config["ds_config"], loop_config["validate"]
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    steps = steps_per_epoch(loop_config["n_examples"] // world, micro, tc.max_steps_per_epoch)  # equal shards
+    run = DeepSpeedTraining(config, prepared, ds_config, steps * tc.epochs // ds_config["gradient_accumulation_steps"],
+                            rank, world)
+    say = print if rank == 0 else (lambda line: None)
+
+    restored: list[dict] = []  # the history in the checkpoint Ray Train hands a restarted or resumed run
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = run.restore(Path(folder))
+        say(f"restored from the checkpoint of epoch {len(restored)}; continuing with epoch {len(restored) + 1}")
+    log = EpochLog(Path(config.output) / LOG_DIR, restored) if rank == 0 else None
+    workers = all_gather({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}, world)
+    if log is not None:
+        log.add_workers(workers, first_epoch=len(restored) + 1)
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([tc.seed, epoch, rank])
+        torch.manual_seed(tc.seed * 100_003 + epoch * 101 + rank)
+        examples = iter_example_batches(shard, micro, seed=tc.seed * 7919 + epoch * 31 + rank)
+        for _, (users, targets, positions) in zip(range(steps), examples):
+            yield run.builder.training_batch(users, targets, positions, tc.example_mode, rng)
+        examples.close()  # a capped epoch leaves the shard's iterator suspended: release it now
+
+    def report(record: dict, history: list[dict]) -> None:
+        if log is not None:
+            log.add(record, history)
+            say(epoch_line(record))  # one console format for local and Ray runs
+        with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as tmp:
+            run.save(Path(tmp), record, history, artifact=validate)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{record['epoch']:04d}")
+
+    train_epochs(tc, run.stepper, epoch_batches, steps=steps, batch_size=micro, report=report,
+                 evaluate=(lambda epoch: run.evaluate()) if validate else None, history=restored, world=world,
+                 device=run.device, say=say)
+    if log is not None:
+        log.close()
 
 
-def build_engine(model: torch.nn.Module, config: Config, ds_config: dict, total_steps: int):
-    """deepspeed.initialize around `model` with the param groups of raysparse.step (text encoder at
-    train.text_lr, the rest at train.lr) and warm-up + decay over `total_steps` optimizer steps. DeepSpeed
-    keeps each group's lr (checked in tests) and steps the schedule at accumulation boundaries."""
-    import deepspeed
-
-    from raysparse.step import param_groups, warmup_decay
-
-    schedule = warmup_decay(max(1, total_steps), config.train.warmup_ratio)
-    scheduler = None if "scheduler" in ds_config else (
-        lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, config.train),
-                                           config=ds_config, lr_scheduler=scheduler)
-    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
-        # Averaging gradients over one rank is the identity, yet DeepSpeed still copies every gradient
-        # through flat all-reduce buffers: ~7% of a CPU step of the tiny model (profiled). ZeRO >= 1 keeps
-        # it (its optimizer moves gradients into partitions there).
-        engine.enable_backward_allreduce = False
-    if engine.zero_optimization_stage() == 0 and type(engine.optimizer).__module__.startswith("torch.optim"):
-        # DeepSpeed's zero_grad walks every named parameter (frozen encoder layers included) from Python;
-        # the optimizer's own set_to_none walk does the same job for the parameters that have gradients.
-        engine.zero_grad = lambda: engine.optimizer.zero_grad(set_to_none=True)
-    return engine
-
-
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
-                    ) -> dict[str, torch.Tensor]:
-    """Move a batch; float inputs (history/column weights) take the engine's dtype (bf16/fp16 modules need
-    EmbeddingBag weights of their own dtype)."""
-    out = {}
-    for key, value in batch.items():
-        if value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
-        out[key] = value.to(device, non_blocking=True)
-    return out
-
-
-def engine_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # written by `ray up` on the head node
-
-
-def launcher_max_resources(path: str = LAUNCHER_CONFIG) -> dict[str, float]:
-    """Most resources the cluster launcher's autoscaler may add (sum over node types of resources x
-    max_workers), read from the config `ray up` leaves on the head; {} when there is none."""
-    import yaml
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        return {}
-    try:
-        launcher = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    total: dict[str, float] = {}
-    head = launcher.get("head_node_type")
-    for name, node_type in (launcher.get("available_node_types") or {}).items():
-        count = 1 if name == head else int(node_type.get("max_workers", launcher.get("max_workers", 0)) or 0)
-        for key, value in (node_type.get("resources") or {}).items():
-            total[key] = total.get(key, 0.0) + float(value) * count
-    return total
-
+# ------------------------------------------------------------------------------------------------ driver
 
 def cluster_capacity() -> dict[str, float]:
     """Resources the connected cluster has now, or can grow to under its autoscaler (whichever is more):
@@ -238,365 +148,8 @@ def cluster_capacity() -> dict[str, float]:
     return capacity
 
 
-def check_static(config: Config) -> dict:
-    """Checks that need no cluster: DeepSpeed JSON, encoder availability, impossible combinations.
-    Returns the DeepSpeed config for `ray.num_workers` workers."""
-    rc, mc = config.ray, config.model
-    ds = deepspeed_config(config, rc.num_workers)
-    if mc.uses_text:
-        from raysparse.model.text import resolve_text_model
 
-        resolve_text_model(mc.text_model)  # ConfigError when the packaged MiniLM is missing
-    if rc.use_gpu and rc.cpus_per_worker < 1:
-        raise ConfigError(f"ray.cpus_per_worker={rc.cpus_per_worker} with ray.use_gpu=true: a GPU worker needs at "
-                          f"least 1 CPU to feed it; set ray.cpus_per_worker >= 1.")
-    return ds
-
-
-def check_before_start(config: Config, capacity: dict[str, float]) -> None:
-    """ConfigError when the cluster cannot host the workers (`capacity` as from `cluster_capacity`)."""
-    rc = config.ray
-    cpus, gpus = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
-    if rc.use_gpu and gpus < 1:
-        raise ConfigError(f"ray.use_gpu=true, but the Ray cluster has no GPUs (resources: CPU={cpus:g}, GPU=0). "
-                          f"Set ray.use_gpu=false to train on CPU, or connect to a GPU cluster (ray.address; "
-                          f"see cluster.yaml).")
-    if rc.use_gpu and gpus < rc.num_workers:
-        raise ConfigError(f"ray.num_workers={rc.num_workers} with one GPU each, but the cluster has {gpus:g} GPUs; "
-                          f"lower ray.num_workers to {int(gpus)} or add GPU nodes.")
-    need = rc.num_workers * rc.cpus_per_worker
-    if need > cpus:
-        raise ConfigError(f"ray.num_workers={rc.num_workers} x ray.cpus_per_worker={rc.cpus_per_worker:g} = {need:g} "
-                          f"CPUs, but the Ray cluster has {cpus:g}. Lower ray.num_workers or ray.cpus_per_worker, "
-                          f"or add nodes.")
-
-
-def run_location(config: Config) -> tuple[str, str]:
-    """(storage_path, run folder). Local paths are made absolute (workers run in other folders)."""
-    storage = config.ray.storage_path or str(Path(config.output).resolve() / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    return storage, storage.rstrip("/") + "/" + RUN_NAME
-
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
-
-
-def check_run_folder(run_dir: str, resume: bool, epochs: int | None = None) -> None:
-    """A new run needs an empty run folder; --resume needs an existing one with epochs left to train."""
-    import pyarrow.fs as pafs
-
-    fs, inner = (pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir))
-    info = fs.get_file_info(inner)
-    exists = info.type == pafs.FileType.Directory and bool(fs.get_file_info(pafs.FileSelector(inner)))
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no run to continue at {run_dir}; start it without --resume "
-                          f"(or point --output / ray.storage_path at the stopped run).")
-    if not resume and exists:
-        raise ConfigError(f"{run_dir} already holds a training run. Pass --resume to continue it, or choose "
-                          f"another --output / ray.storage_path (or delete that folder to start over).")
-    if resume and epochs is not None:
-        done = 0
-        try:
-            with fs.open_input_stream(f"{inner.rstrip('/')}/{SNAPSHOT}") as stream:
-                latest = json.loads(stream.read()).get("latest_checkpoint_result") or {}
-            done = int((latest.get("metrics") or {}).get("epoch", 0))
-        except (OSError, ValueError):
-            pass
-        if done >= epochs:
-            raise ConfigError(f"--resume: the run at {run_dir} already trained {done} epochs and train.epochs="
-                              f"{epochs}; raise train.epochs (e.g. --set train.epochs={done + 1}) to train more.")
-
-
-def absolute_paths(config: Config) -> Config:
-    """Workers do not run in the driver's folder: local paths in the config become absolute."""
-    overrides: dict[str, Any] = {"output": str(Path(config.output).resolve())}
-    text_model = config.model.text_model
-    if text_model and Path(text_model).exists():
-        overrides["model.text_model"] = str(Path(text_model).resolve())
-    if config.ray.deepspeed_config:
-        overrides["ray.deepspeed_config"] = str(Path(config.ray.deepspeed_config).resolve())
-    return config.replace(**overrides)
-
-
-# ------------------------------------------------------------------------------------------------ worker
-
-class DeviceRecommender(Recommender):
-    """The core Recommender with its model on `device` (a GPU worker's): inputs move there, vectors and
-    scores come back to CPU. Same arithmetic as Recommender.refresh / score_inputs; on CPU it is the same
-    computation (the distributed-validation test compares its metrics with the core class's)."""
-
-    def __init__(self, model, device, *args, **kwargs):
-        self.device = torch.device(device)
-        super().__init__(model, *args, **kwargs)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        keys = ("cand_items", "col_users", "col_offsets", "col_weights")
-        vecs = [self.model.item_vectors(*(b[k].to(self.device) for k in keys)).float().cpu()
-                for b in all_item_bags(self.builder)]
-        self.item_vectors = torch.cat(vecs).float()
-        self.refresh_item_text()
-        self.model.train(was_training)
-
-    @torch.no_grad()
-    def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        users = self.model.user_vectors({k: v.to(self.device) for k, v in inputs.items()}).float().cpu()
-        self.model.train(was_training)
-        return self.model.score(users, self.item_vectors)
-
-
-def distributed_ranks(score_fn: ScoreFn, split, users: np.ndarray, stage: str, batch_size: int, rank: int,
-                      world: int) -> np.ndarray:
-    """Full-ranking ranks (N,) of `users`: this worker ranks users[rank::world], then all ranks are gathered
-    and put back in `users` order, so every worker holds exactly what one process would compute."""
-    from raysparse.metrics import full_ranks
-
-    mine = full_ranks(score_fn, split, users[rank::world], stage, batch_size)
-    if world == 1:
-        return mine
-    import torch.distributed as dist
-
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
-    out = np.zeros(len(users), np.int64)
-    for r, part in enumerate(gathered):
-        out[r::world] = part
-    return out
-
-
-class EpochLog:
-    """Rank 0's per-epoch records: <output>/logs/metrics.jsonl, metrics.csv and TensorBoard events
-    (logs/tensorboard). On restore the files are rewritten from the checkpoint's history and TensorBoard
-    purges the events after the restored epoch."""
-
-    def __init__(self, folder: Path, history: list[dict]):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._write_tables(history)
-        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=len(history) + 1 if history else None)
-
-    def _write_tables(self, history: list[dict]) -> None:
-        import pandas as pd
-
-        (self.folder / "metrics.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in history))
-        if history:
-            pd.DataFrame(history).to_csv(self.folder / "metrics.csv", index=False)
-
-    def add(self, record: dict, history: list[dict]) -> None:
-        with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-        import pandas as pd
-
-        pd.DataFrame(history).to_csv(self.folder / "metrics.csv", index=False)
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.tb.add_scalar(key, float(value), record["epoch"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.tb.close()
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker. loop_config: config (dict), prepared (ObjectRef of Prepared), n_examples,
-    ds_config, test_kill (None or {after_epoch, rank, flag})."""
-    import ray
-    import ray.train
-
-    from raysparse.build import build_batches, build_model
-    from raysparse.local import item_table
-    from raysparse.metrics import flatten, summarize
-    from raysparse.ray_data import iter_example_batches
-    from raysparse.step import compute_loss, keep_freed_memory
-
-    keep_freed_memory()
-    config = config_from_dict(loop_config["config"])
-    tc, rc = config.train, config.ray
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(rc.cpus_per_worker)))
-    prepared = ray.get(loop_config["prepared"])
-    split = prepared.split
-    for name, value in vars(split).items():  # object-store arrays are read-only; scipy sorts CSRs in place
-        if isinstance(value, np.ndarray) and not value.flags.writeable:
-            setattr(split, name, value.copy())
-    output = Path(config.output)
-    say = print if rank == 0 else (lambda *a, **k: None)
-
-    model, tokenizer, item_text = build_model(config, split.n_users, split.n_items, prepared.item_texts,
-                                              config.data.resolved_cache_dir)
-    builder = build_batches(config, split, item_text)
-    ds_config = loop_config["ds_config"]
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    accum = ds_config["gradient_accumulation_steps"]
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    dtype = engine_dtype(ds_config)
-    shard_rows = loop_config["n_examples"] // world                  # Ray splits shards equally
-    steps = max(1, math.ceil(shard_rows / micro))
-    if tc.max_steps_per_epoch:
-        steps = min(steps, tc.max_steps_per_epoch)
-    if rc.use_gpu:
-        import ray.train.torch
-
-        torch.cuda.set_device(ray.train.torch.get_device())
-    # Validation and the artifact read full fp32 weights: a separate copy (on the worker's device) when the
-    # engine's weights are half precision or partitioned (ZeRO-3); otherwise the engine's module itself.
-    needs_copy = dtype != torch.float32 or stage == 3
-    eval_copy = copy.deepcopy(model).float() if needs_copy else None  # before ZeRO-3 partitions it
-    engine = build_engine(model, config, ds_config, steps * tc.epochs // accum)
-    device = engine.device
-    eval_model = eval_copy.to(device) if needs_copy else engine.module
-
-    history: list[dict] = []
-    start_epoch = 0
-    restored_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag="state")
-            state = json.loads((Path(folder) / "train_state.json").read_text())
-        start_epoch, history = state["epoch"], state["history"]
-        restored_from = start_epoch
-        say(f"restored from the checkpoint of epoch {start_epoch}; continuing with epoch {start_epoch + 1}")
-    log = EpochLog(output / LOG_DIR, history) if rank == 0 else None
-
-    def sync_eval_weights() -> None:
-        if not needs_copy:
-            return
-        if stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-        else:
-            state = {k: v.detach().float() for k, v in engine.module.state_dict().items()}
-        eval_model.load_state_dict(state)
-
-    rec = DeviceRecommender(eval_model, device, config, prepared.log.users, prepared.log.items, builder,
-                            tokenizer, item_table(prepared))
-    shard = ray.train.get_dataset_shard("train")
-    hook = loop_config.get("test_kill")
-    reported_at = time.monotonic()
-
-    for epoch in range(start_epoch, tc.epochs):
-        engine.train()
-        rng = np.random.default_rng([tc.seed, epoch, rank])
-        torch.manual_seed(tc.seed * 100_003 + epoch * 101 + rank)
-        losses: list[float] = []
-        stamps: list[float] = []
-        cpu_stamps: list[float] = []   # process CPU time: the same measure, blind to other processes' load
-        t0 = last_print = time.perf_counter()
-        examples = 0
-        examples_iter = iter_example_batches(shard, micro, seed=tc.seed * 7919 + epoch * 31 + rank)
-        for step, (users, targets, positions) in zip(range(steps), examples_iter):
-            stamps.append(time.perf_counter())
-            cpu_stamps.append(time.process_time())
-            batch = batch_to_device(builder.training_batch(users, targets, positions, tc.example_mode, rng),
-                                    device, dtype)
-            loss = compute_loss(engine(batch), tc.loss)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.item()))
-            examples += len(users)
-            if hook and rank == hook["rank"] and epoch == hook["after_epoch"] and step == 0:
-                _maybe_kill(hook, reported_at)
-            now = time.perf_counter()
-            if now - last_print >= 15.0:
-                say(f"epoch {epoch + 1}: step {step + 1}/{steps} loss={np.mean(losses[-50:]):.4f} "
-                    f"{examples * world / (now - t0):.0f} ex/s")
-                last_print = now
-        t_end, cpu_end = time.perf_counter(), time.process_time()
-        examples_iter.close()  # a capped epoch leaves the shard's iterator suspended: release it now
-        seconds = t_end - t0
-        steady = steady_rate(stamps + [t_end], micro)
-        steady_cpu = steady_rate(cpu_stamps + [cpu_end], micro)
-        totals = _all_reduce([float(np.sum(losses)), float(len(losses)), float(examples)], "sum", world, device)
-        slowest = _all_reduce([seconds], "max", world, device)[0]
-        steady_total, steady_cpu_total = _all_reduce([steady, steady_cpu], "sum", world, device)
-        lrs = {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-        record: dict[str, Any] = {
-            "epoch": epoch + 1, "loss": totals[0] / max(totals[1], 1.0), "train_seconds": slowest,
-            "examples_per_s": totals[2] / max(slowest, 1e-9), "steady_examples_per_s": steady_total,
-            "steady_examples_per_cpu_s": steady_cpu_total,
-            "steps": len(losses), "workers": world, **{f"lr/{k}": v for k, v in lrs.items()},
-        }
-        if restored_from is not None:
-            record["restored_from_epoch"] = restored_from
-        if loop_config.get("validate", True):
-            t_val = time.perf_counter()
-            sync_eval_weights()
-            rec.refresh()
-            users_eval = split.evaluated_users
-            ranks = distributed_ranks(rec.score_users, split, users_eval, "val", tc.eval_batch_size, rank, world)
-            record.update(flatten(summarize(ranks, split, users_eval), "val/"))
-            record["val_seconds"] = time.perf_counter() - t_val
-        engine.train()
-        history.append(record)
-        if log is not None:
-            log.add(record, history)
-            say(epoch_line(record))  # one console format for local and Ray runs
-        with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as tmp:
-            engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag="state")
-            if rank == 0:
-                (Path(tmp) / "train_state.json").write_text(
-                    json.dumps({"epoch": epoch + 1, "history": history}, default=float))
-                if loop_config.get("validate", True):
-                    rec.save(Path(tmp) / "artifact", metrics={"val": {k: v for k, v in record.items()
-                                                                      if k.startswith("val/")},
-                                                              "epoch": epoch + 1})
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        reported_at = time.monotonic()
-        # Every rank holds the same all-reduced validation record, so all of them stop at the same epoch.
-        if tc.patience and epochs_since_best(history, SELECT_METRIC) >= tc.patience:
-            say(f"early stop after epoch {epoch + 1}: no better {SELECT_METRIC} for {tc.patience} epochs")
-            break
-    if log is not None:
-        log.close()
-
-
-def steady_rate(stamps: list[float], batch_size: int, skip: int = 2) -> float:
-    """Examples/s of one process in steady state: batch / median step time, from the (skip+1)-th step on.
-    `stamps` = when each step began, then when the last one ended. The median keeps the number stable on a
-    shared machine, where other processes steal whole time slices."""
-    durations = np.diff(np.asarray(stamps, np.float64))
-    if len(durations) > skip + 1:
-        durations = durations[skip:]
-    return float(batch_size / np.median(durations)) if len(durations) else 0.0
-
-
-def _all_reduce(values: list[float], op: str, world: int, device: torch.device) -> list[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL (GPU workers) reduces device tensors
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def _maybe_kill(hook: dict, reported_at: float) -> None:
-    """Test hook: SIGKILL this worker once (a flag file marks it done), a few seconds after the previous
-    epoch's report, so Ray's controller has registered that checkpoint (it polls workers every 2 s)."""
-    flag = Path(hook["flag"])
-    if flag.exists():
-        return
-    time.sleep(max(0.0, 5.0 - (time.monotonic() - reported_at)))
-    flag.write_text(str(os.getpid()))
-    print(f"test hook {TEST_KILL_ENV}: killing worker process {os.getpid()}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ------------------------------------------------------------------------------------------------ driver
-
-def training_dataset(config: Config, prepared) -> tuple["ray.data.Dataset", int]:
+def training_dataset(config: Config, prepared: Prepared) -> tuple["ray.data.Dataset", int]:
     """The training examples as a materialized Ray Dataset and their count; enough for every worker."""
     from raysparse.ray_data import build_example_dataset
 
@@ -611,8 +164,7 @@ def training_dataset(config: Config, prepared) -> tuple["ray.data.Dataset", int]
 
 
 def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.data.Dataset", n_examples: int,
-                  ds_config: dict, test_kill: dict | None = None, validate: bool = True,
-                  callbacks: list | None = None) -> "TorchTrainer":
+                  ds_config: dict, validate: bool = True, callbacks: list | None = None) -> "TorchTrainer":
     """A TorchTrainer (not started) for `config`. prepared_ref: the object-store ref of a `Prepared`;
     dataset: `ray_data.build_example_dataset` (n_examples rows); ds_config: `deepspeed_config`.
     validate=False (benchmarks) skips validation and the artifact in checkpoints. callbacks: Ray Train
@@ -628,7 +180,7 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
     if rc.use_gpu:
         resources["GPU"] = 1
     loop_config = {"config": config.to_dict(), "prepared": prepared_ref, "n_examples": int(n_examples),
-                   "ds_config": ds_config, "test_kill": test_kill, "validate": validate}
+                   "ds_config": ds_config, "validate": validate}
     checkpoints = (CheckpointConfig(num_to_keep=rc.keep_checkpoints, checkpoint_score_attribute=SELECT_METRIC,
                                     checkpoint_score_order="max") if validate
                    else CheckpointConfig(num_to_keep=1))
@@ -641,28 +193,6 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
                              callbacks=list(callbacks or [])),
         datasets={"train": shuffled_per_epoch(dataset, config.train.seed)},
     )
-
-
-def _test_kill_hook(config: Config) -> dict | None:
-    value = os.environ.get(TEST_KILL_ENV, "")
-    if not value:
-        return None
-    return {"after_epoch": int(value), "rank": 1 if config.ray.num_workers > 1 else 0,
-            "flag": str(Path(config.output) / ".test_kill_done")}
-
-
-def first_run_compilation_note(config: Config, extensions_dir: str | None = None) -> str:
-    """On CPU, DeepSpeed's torch backend compiles its shared-memory all-reduce op (deepspeed_shm_comm) the first
-    time a worker starts on a machine, about a minute on 2 cores, then reuses torch's extension cache. Say so
-    before it happens rather than leave a silent minute; '' when the cache already holds it (or on GPU)."""
-    if config.ray.use_gpu:
-        return ""
-    root = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR")
-                or Path.home() / ".cache" / "torch_extensions")
-    if any(root.glob("*/deepspeed_shm_comm/*.so")):
-        return ""
-    return (f"first run on this machine: each worker's DeepSpeed compiles its CPU shared-memory all-reduce "
-            f"(deepspeed_shm_comm, about a minute on 2 cores); later runs reuse it from {root}")
 
 
 def connect(config: Config) -> None:
@@ -678,7 +208,6 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     checkpoint/run paths. Writes <output>/artifact, <output>/summary.json and <output>/logs."""
     import ray
 
-    from raysparse.local import validation_metrics
     from raysparse.ray_data import prepare_for_ray
 
     t0 = time.perf_counter()
@@ -694,7 +223,7 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     dataset, n_examples = training_dataset(config, prepared)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(config, ray.put(prepared), dataset, n_examples, ds_config, _test_kill_hook(config))
+    trainer = build_trainer(config, ray.put(prepared), dataset, n_examples, ds_config)
     log(f"training: {config.ray.num_workers} workers, ZeRO {ds_config['zero_optimization']['stage']}, "
         f"{resolved_precision(config)}, run folder {run_dir}")
     note = first_run_compilation_note(config)
@@ -715,8 +244,6 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     tmp.rename(artifact)
 
     # The artifact, evaluated in one process on the prepared split (the artifact itself has no held-out items).
-    from raysparse.build import build_batches
-
     rec = Recommender.load(artifact)
     rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
     if config.train.choose_text_prior and apply_text_prior_choice(rec, prepared, log):

@@ -17,7 +17,7 @@ The sweep is declared in a `tune:` section of the same YAML file as the run (`Tu
         model.finetune_top_layers: {randint: [0, 2]}        # both ends included
 
 Driver, `run_tune(config, tune_config, resume)`:
-  1. Checks that need neither Ray nor data (`check_tune`, `ray_train.check_static`): every space key is a
+  1. Checks that need neither Ray nor data (`check_tune`, `preflight.check_static`): every space key is a
      tunable config key, every choice value and range bound passes the real `Config` validation, ranges
      are ordered, loguniform bounds are positive, the metric/mode/scheduler make sense. A bad sweep is one
      ConfigError before anything starts.
@@ -570,7 +570,8 @@ def tune_trial(point: dict, shared: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysparse.ray_train import build_trainer, deepspeed_config
+    from raysparse.engine import deepspeed_config
+    from raysparse.ray_train import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     base = config_from_dict(shared["config"])
@@ -760,7 +761,7 @@ def read_train_run(run_dir: str) -> tuple[list[dict], dict[int, str]]:
 
 
 def collect_trials(grid: "ResultGrid", config: Config, params: tuple[Param, ...]) -> list[TrialRecord]:
-    from raysparse.ray_train import RUN_NAME, run_location
+    from raysparse.preflight import RUN_NAME, run_location
 
     # Tune's own trial states tell an ended trial from one an interrupted sweep left running or pending.
     states = {t.trial_id: t.status for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
@@ -868,8 +869,10 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     from ray import tune
 
     from raysparse.ray_data import prepare_for_ray
-    from raysparse.ray_train import (SELECT_METRIC, absolute_paths, check_before_start, check_static,
-                                     cluster_capacity, connect, deepspeed_config, training_dataset)
+    from raysparse.engine import deepspeed_config
+    from raysparse.preflight import absolute_paths, check_before_start, check_static
+    from raysparse.ray_train import cluster_capacity, connect, training_dataset
+    from raysparse.step import SELECT_METRIC
 
     t0 = time.perf_counter()
     config = absolute_paths(config)

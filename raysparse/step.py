@@ -1,13 +1,11 @@
-"""One training step, the optimizer set-up and the plain single-process training loop.
-
-The Ray Train loop (raysparse.ray_train) runs the same `compute_loss` on the same batches, with a DeepSpeed
-engine in place of the torch optimizer; everything else here is shared.
+"""One training step: the loss (`compute_loss`), the optimizer's param groups and learning-rate schedule, and
+`PlainStepper`, a step with torch AdamW in this process. `raysparse.engine.EngineStepper` takes the same step
+through a DeepSpeed engine with the same groups and schedule; `raysparse.loop.train_epochs` runs either.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysparse.config import Config, TrainConfig
+from raysparse.config import TrainConfig
 
 SELECT_METRIC = "val/overall/ndcg@10"  # what picks the best epoch, checkpoint and Tune trial
 
@@ -128,6 +126,36 @@ def warmup_decay(total_steps: int, warmup_ratio: float) -> Callable[[int], float
     return factor
 
 
+class PlainStepper:
+    """One training step in this process with torch AdamW: the param groups above, warm-up + decay over
+    `total_steps` optimizer steps, gradients accumulated over train.grad_accum_steps batches (counted from each
+    epoch's start) and clipped at train.grad_clip. A `raysparse.loop.Stepper`."""
+
+    def __init__(self, model: nn.Module, tc: TrainConfig, total_steps: int):
+        self.model, self.tc = model, tc
+        self.optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_decay(max(total_steps, 1), tc.warmup_ratio))
+        self.batches = 0  # batches stepped since the epoch began
+
+    def start_epoch(self) -> None:
+        self.model.train()
+        self.batches = 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        tc = self.tc
+        loss = compute_loss(self.model(batch), tc.loss) / tc.grad_accum_steps
+        loss.backward()
+        self.batches += 1
+        if self.batches % tc.grad_accum_steps == 0:
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() * tc.grad_accum_steps
+
+
 def epochs_since_best(history: list[dict], metric: str) -> int:
     """Epochs since the best value of `metric` (higher is better) in per-epoch records; 0 if the last is best."""
     values = [record[metric] for record in history if metric in record]
@@ -136,45 +164,7 @@ def epochs_since_best(history: list[dict], metric: str) -> int:
     return len(values) - 1 - int(np.argmax(values))
 
 
-def steps_per_epoch(n_examples: int, cfg: TrainConfig, num_workers: int = 1) -> int:
-    steps = math.ceil(n_examples / (cfg.batch_size_per_worker * num_workers))
-    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
-
-
-def train_local(config: Config, prepared, model: nn.Module, builder, log: Callable[[dict], None] = print,
-                evaluate_fn: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
-    """Train in this process with AdamW. Returns one record per epoch (loss, seconds, examples/s, metrics)."""
-    tc = config.train
-    keep_freed_memory()
-    torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    n_examples = len(builder.training_examples(tc.example_mode)[0])
-    total = steps_per_epoch(n_examples, tc) * tc.epochs // tc.grad_accum_steps
-    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(max(total, 1), tc.warmup_ratio))
-    history = []
-    for epoch in range(tc.epochs):
-        model.train()
-        t0, seen, losses = time.perf_counter(), 0, []
-        for step, batch in enumerate(builder.iterate_epoch(tc.batch_size_per_worker, rng, tc.example_mode,
-                                                           tc.max_steps_per_epoch)):
-            loss = compute_loss(model(batch), tc.loss) / tc.grad_accum_steps
-            loss.backward()
-            if (step + 1) % tc.grad_accum_steps == 0:
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item() * tc.grad_accum_steps)
-            seen += len(batch["user_idx"])
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                  "train_seconds": seconds, "examples_per_s": seen / max(seconds, 1e-9)}
-        if evaluate_fn is not None:
-            record.update(evaluate_fn(model, epoch + 1))
-        history.append(record)
-        log(record)
-        if tc.patience and epochs_since_best(history, SELECT_METRIC) >= tc.patience:
-            break
-    return history
+def steps_per_epoch(n_examples: int, batch_size: int, max_steps: int = 0) -> int:
+    """Batches in one pass over `n_examples`, capped at `max_steps` (train.max_steps_per_epoch; 0: no cap)."""
+    steps = math.ceil(n_examples / batch_size)
+    return min(steps, max_steps) if max_steps else steps

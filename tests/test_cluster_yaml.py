@@ -59,7 +59,7 @@ def test_setup_commands_install_raysparse_and_matching_ray(cluster):
 def test_preflight_counts_gpus_the_autoscaler_may_add(cluster, tmp_path):
     """On the head of a `ray up` cluster the launcher config lies at ~/ray_bootstrap_config.yaml; with no GPU
     node up yet, the GPU check must still pass (the autoscaler adds nodes when workers ask for GPUs)."""
-    from raysparse.ray_train import launcher_max_resources
+    from raysparse.preflight import launcher_max_resources
 
     path = tmp_path / "ray_bootstrap_config.yaml"
     path.write_text(yaml.safe_dump(cluster))

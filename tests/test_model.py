@@ -257,6 +257,14 @@ query, _ = plan_query(served, RecommendRequest(user_id="u001", k=3))
 expected = [r.item_id for r in rec.recommend(user_ids=["u001"], k=3)[0]]
 assert [rec.items.raw_ids[i] for i, _ in recommend_many(served, [query])[0]] == expected
 assert load_serve_config(sets=["serve.port=8001"]).port == 8001
+# The training core: the epoch loop, the DeepSpeed config and engine (deepspeed only inside the functions
+# that start an engine), the checks before a distributed run.
+from raysparse.engine import DeepSpeedTraining, deepspeed_config
+from raysparse.local import run_local
+from raysparse.loop import train_epochs, train_local
+from raysparse.preflight import check_static
+assert deepspeed_config(rec.config, 2)["train_batch_size"] == 2 * rec.config.train.batch_size_per_worker
+assert check_static(rec.config)["zero_optimization"]["stage"] == rec.config.ray.zero_stage
 assert not any(m.split(".")[0] in ("ray", "deepspeed") for m in sys.modules)
 print("ok")
 """

@@ -4,16 +4,21 @@ Fast tests (no Ray instance): the generated DeepSpeed config and its checks, the
 starts, the per-user split of the Ray Data path against the core's split, and (in a subprocess, because
 DeepSpeed initializes torch.distributed) that one DeepSpeed process trains exactly like the plain loop.
 `@pytest.mark.ray` tests share one Ray instance (2 CPUs) for the module: Ray Data preparation, 2 workers with
-ZeRO 0 (+ metric equality with one process, logs, resume) and with ZeRO 2 (+ a worker killed mid-run).
+ZeRO 0 (+ metric equality with one process, logs, resume) and with ZeRO 2 (+ a worker the test kills by its
+pid mid-run).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ import pytest
 
 from raysparse.config import load_config
 from raysparse.errors import ConfigError, DataError
+from raysparse.step import SELECT_METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -43,7 +49,7 @@ def dataset_dir(tmp_path_factory, frames) -> Path:
 # ------------------------------------------------------------------------------------------------ DeepSpeed config
 
 def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import deepspeed_config
+    from raysparse.engine import deepspeed_config
 
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "train.grad_accum_steps=3",
                       "train.grad_clip=0.5", "train.weight_decay=0.01")
@@ -64,7 +70,7 @@ def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder,
 
 
 def test_user_deepspeed_json_overrides_generated_and_is_checked(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import deepspeed_config
+    from raysparse.engine import deepspeed_config
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000},
@@ -90,7 +96,7 @@ def test_user_deepspeed_json_overrides_generated_and_is_checked(tmp_path, tiny_e
 
 
 def test_cluster_checks_name_the_problem_and_the_fix(tmp_path, tiny_encoder, dataset_dir):
-    from raysparse.ray_train import check_before_start
+    from raysparse.preflight import check_before_start
 
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder)
     check_before_start(cfg, {"CPU": 2.0})
@@ -103,7 +109,7 @@ def test_cluster_checks_name_the_problem_and_the_fix(tmp_path, tiny_encoder, dat
 
 
 def test_run_folder_rules_for_new_runs_and_resume(tmp_path):
-    from raysparse.ray_train import check_run_folder
+    from raysparse.preflight import check_run_folder
 
     run = tmp_path / "ray" / "train"
     with pytest.raises(ConfigError, match="--resume: there is no run to continue"):
@@ -161,8 +167,8 @@ _ENGINE_SCRIPT = textwrap.dedent("""
     from conftest import planted_frames
     from raysparse.config import load_config
     from raysparse.build import prepare_data, build_model, build_batches
-    from raysparse.step import compute_loss, param_groups, warmup_decay
-    from raysparse.ray_train import build_engine, deepspeed_config
+    from raysparse.step import PlainStepper
+    from raysparse.engine import EngineStepper, build_engine, deepspeed_config
     cfg = load_config({tiny!r}, ["output=" + sys.argv[3], "model.text_model=" + sys.argv[1],
                                 "model.dropout=0.0", "model.modality_dropout=0.0", "train.grad_accum_steps=2",
                                 "train.warmup_ratio=0.5", "train.lr=0.01", "train.text_lr=0.001",
@@ -173,26 +179,26 @@ _ENGINE_SCRIPT = textwrap.dedent("""
     builder = build_batches(cfg, prepared.split, item_text)
     batches = list(builder.iterate_epoch(32, np.random.default_rng(0), max_steps=8))
     total = 4
-    # the plain loop of raysparse.step.train_local
-    opt = torch.optim.AdamW(param_groups(plain, cfg.train), weight_decay=cfg.train.weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(total, cfg.train.warmup_ratio))
-    for step, batch in enumerate(batches):
-        (compute_loss(plain(batch), "softmax") / 2).backward()
-        if (step + 1) % 2 == 0:
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    # The two steppers of raysparse.loop.train_epochs, on the modules as built (no start_epoch: the tiny BERT's
+    # own dropout stays off, so neither run draws random numbers).
+    plain_stepper = PlainStepper(plain, cfg.train, total)
+    for batch in batches:
+        plain_stepper.step(batch)
     engine = build_engine(model, cfg, deepspeed_config(cfg, 1), total)
+    stepper = EngineStepper(engine, cfg.train.loss, torch.float32)
     lrs = []
     for batch in batches:
-        engine.backward(compute_loss(engine(batch), "softmax")); engine.step()
-        lrs.append({{g["name"]: g["lr"] for g in engine.optimizer.param_groups}})
+        stepper.step(batch)
+        lrs.append({{g["name"]: g["lr"] for g in stepper.optimizer.param_groups}})
     diff = max((a - b).abs().max().item() for a, b in zip(engine.module.parameters(), plain.parameters()))
     print(json.dumps({{"lrs": lrs, "global_steps": engine.global_steps, "max_diff": diff,
-                       "plain_lrs": [g["lr"] for g in opt.param_groups]}}))
+                       "plain_lrs": [g["lr"] for g in plain_stepper.optimizer.param_groups]}}))
 """)
 
 
 def test_one_deepspeed_process_trains_exactly_like_the_plain_loop(tmp_path, tiny_encoder):
-    """Same batches through train_local's optimizer and through build_engine (ZeRO 0, fp32): same weights.
+    """Same batches through the plain loop's PlainStepper (torch AdamW) and through EngineStepper around
+    build_engine (ZeRO 0, fp32): same weights.
     Also: each param group keeps its own lr under warm-up + decay, stepped at accumulation boundaries.
     Clipping is off here: DeepSpeed computes the same norm up to float rounding, and Adam turns rounding in
     near-zero gradients into visible weight differences (seen: 0.007 after 4 clipped steps)."""
@@ -292,8 +298,8 @@ def _single_process_val(artifact: Path, cfg) -> dict:
 
 @pytest.mark.ray
 def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp_path, tiny_encoder, dataset_dir):
+    from raysparse.ray_train import run_ray_training
     from raysparse.recommender import Recommender
-    from raysparse.ray_train import SELECT_METRIC, run_ray_training
 
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=0", "ray.keep_checkpoints=1")
     summary = run_ray_training(cfg)
@@ -335,6 +341,8 @@ def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp
     assert resumed["history"][:2] == summary["history"]
     assert resumed["restored_from_epochs"] == [2]
     assert [json.loads(line)["epoch"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    groups = [json.loads(line) for line in (out / "logs" / "workers.jsonl").read_text().splitlines()]
+    assert [(g["first_epoch"], [w["rank"] for w in g["workers"]]) for g in groups] == [(1, [0, 1]), (3, [0, 1])]
 
 
 @pytest.mark.ray
@@ -365,22 +373,65 @@ def _lengths(cfg) -> list[int]:
     return prepare_data(cfg).split.history_lengths().tolist()
 
 
-@pytest.mark.ray
-def test_two_workers_zero2_survive_a_killed_worker(ray_instance, tmp_path, tiny_encoder, dataset_dir, monkeypatch):
-    """Rank 1 SIGKILLs itself in epoch 2 (once); Ray Train restarts the group from epoch 1's checkpoint."""
-    from raysparse.ray_train import SELECT_METRIC, TEST_KILL_ENV, run_ray_training
+def _kill_rank1_mid_run(out: Path, epochs: int, killed: dict, done: threading.Event) -> None:
+    """From outside the run, as a crash would: once Ray Train has recorded a checkpoint (its snapshot names
+    the epoch) and rank 0 has not logged the last epoch, SIGKILL rank 1, whose pid rank 0 wrote to
+    logs/workers.jsonl. Records {pid, after_epoch: the recorded epoch} in `killed`.
+    A worker's report waits until the controller has taken its previous one (Ray Train V2's result queue
+    holds one), so when epoch 1 is recorded, epoch 3 has at most begun: with 3 epochs the kill cannot miss."""
+    from raysparse.preflight import SNAPSHOT
 
-    monkeypatch.setenv(TEST_KILL_ENV, "1")
-    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "ray.max_failures=1")
-    summary = run_ray_training(cfg)
-    assert (tmp_path / "out" / ".test_kill_done").exists()          # the worker was killed
-    assert summary["restored_from_epochs"] == [1]
-    assert [r["epoch"] for r in summary["history"]] == [1, 2]
-    assert summary["history"][1]["restored_from_epoch"] == 1
-    final = summary["history"][-1]
-    assert math.isfinite(final["loss"]) and 0.0 <= final[SELECT_METRIC] <= 1.0
+    logs, snapshot = out / "logs", out / "ray" / "train" / SNAPSHOT
+    while not done.is_set():
+        try:
+            group = json.loads((logs / "workers.jsonl").read_text().splitlines()[0])
+            logged = len((logs / "metrics.jsonl").read_text().splitlines())
+            recorded = int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):  # not written yet, or being written
+            recorded = logged = 0
+        if recorded >= 1 and logged < epochs:
+            pid = next(w["pid"] for w in group["workers"] if w["rank"] == 1)
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, after_epoch=recorded)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.ray
+def test_two_workers_zero2_survive_a_worker_killed_from_outside(ray_instance, tmp_path, tiny_encoder, dataset_dir):
+    """The test SIGKILLs rank 1 by its pid mid-run; Ray Train restarts the worker group, which restores the
+    last recorded checkpoint and trains the remaining epochs: every epoch once, the restore in the records."""
+    from raysparse.ray_train import run_ray_training
+
+    epochs = 3
+    cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, "ray.zero_stage=2", "ray.max_failures=1",
+                      "ray.keep_checkpoints=3", f"train.epochs={epochs}")
+    out = tmp_path / "out"
+    killed: dict = {}
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_rank1_mid_run, args=(out, epochs, killed, done), daemon=True)
+    killer.start()
+    try:
+        summary = run_ray_training(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed: the run ended before a checkpoint was recorded with epochs left"
+    k = killed["after_epoch"]
+    history = summary["history"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))            # the configured epochs, once each
+    assert summary["restored_from_epochs"] == [k]
+    assert [r.get("restored_from_epoch") for r in history] == [None] * k + [k] * (epochs - k)
+    run = out / "ray" / "train"
+    assert json.loads((run / f"epoch_{k:04d}" / "train_state.json").read_text())["history"] == history[:k]
+    groups = [json.loads(line) for line in (out / "logs" / "workers.jsonl").read_text().splitlines()]
+    assert [g["first_epoch"] for g in groups] == [1, k + 1]                      # a new group after the restore
+    first, second = ({w["pid"] for w in g["workers"]} for g in groups)
+    assert killed["pid"] in first and not first & second
+    logged = [json.loads(line)["epoch"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, epochs + 1))        # rewritten from the restored history: no epoch twice
     assert summary["test"]["test/overall/users"] == 120
-    state = tmp_path / "out" / "ray" / "train" / "epoch_0001" / "deepspeed" / "state"
+    state = run / f"epoch_{k:04d}" / "deepspeed" / "state"
     assert {p.name for p in state.glob("zero_pp_rank_*_optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
@@ -423,7 +474,7 @@ def test_text_tower_flops_formula():
 
 def test_first_run_compilation_is_announced_only_until_the_extension_is_cached(tmp_path):
     from raysparse.config import config_from_dict
-    from raysparse.ray_train import first_run_compilation_note
+    from raysparse.engine import first_run_compilation_note
 
     cfg = config_from_dict({})
     assert "deepspeed_shm_comm" in first_run_compilation_note(cfg, str(tmp_path))

@@ -1,14 +1,15 @@
 """`raysparse bench train` and `raysparse bench gpu`.
 
 bench train: steady-state training examples/s of one model on one dataset through the plain loop
-(`raysparse.step.train_local`, one process, torch AdamW), Ray Train + DeepSpeed with 1 worker and with 2
-workers, measured side by side in one run and printed as one table. Each path uses the same threads per
-process (`--threads`; a Ray worker reserves that many CPUs). "Steady" = batch size / median step time
-of the last epoch from its third step on (summed over workers): start-up, the first batches, Ray Data's
-start of epoch and validation are left out, and the median shrugs off time slices other processes take on
-a shared machine. "ex/CPU-s" is the same with process CPU time in place of wall time (every thread of the
-process counts, Ray's included), which other processes' load does not move. `--repeats` runs the sequence
-again and keeps each path's best.
+(`raysparse.loop.train_local`, one process, torch AdamW), Ray Train + DeepSpeed with 1 worker and with 2
+workers, measured side by side in one run and printed as one table. Every path runs the one epoch loop
+(`raysparse.loop.train_epochs`), which stamps the steps alike and puts the rates in the epoch records. Each
+path uses the same threads per process (`--threads`; a Ray worker reserves that many CPUs). "Steady" = batch
+size / median step time of the last epoch from its third step on (summed over workers): start-up, the first
+batches, Ray Data's start of epoch and validation are left out, and the median shrugs off time slices other
+processes take on a shared machine. "ex/CPU-s" is the same with process CPU time in place of wall time (every
+thread of the process counts, Ray's included), which other processes' load does not move. `--repeats` runs
+the sequence again and keeps each path's best.
 Goal: 1 worker >= 0.97 x the plain loop.
 
 bench gpu (no Ray): trains a BERT-base-size fused model (text tower fine-tuned in full) through a DeepSpeed
@@ -69,39 +70,6 @@ def register_bench(subparsers) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ bench train
-
-class _TimedBatches:
-    """The plain loop's batches, with a timestamp as each batch starts being built. Same code and random
-    draws as `BatchBuilder.iterate_epoch` (which it mirrors), so the plain loop trains exactly as it does;
-    the stamps make its steady state comparable with the Ray loop's (stamped at the same point)."""
-
-    def __init__(self, builder):
-        self._builder = builder
-        self.epochs: list[list[float]] = []
-        self.cpu_epochs: list[list[float]] = []
-
-    def __getattr__(self, name):
-        return getattr(self._builder, name)
-
-    def iterate_epoch(self, batch_size: int, rng: np.random.Generator, mode: str = "prefix", max_steps: int = 0):
-        b = self._builder
-        users, targets, positions = b.training_examples(mode)
-        order = rng.permutation(len(users))
-        stamps: list[float] = []
-        cpu_stamps: list[float] = []
-        self.epochs.append(stamps)
-        self.cpu_epochs.append(cpu_stamps)
-        for start in range(0, len(order), batch_size):
-            stamps.append(time.perf_counter())
-            cpu_stamps.append(time.process_time())
-            sel = order[start:start + batch_size]
-            hist, w = b.example_histories(users[sel], positions[sel], mode, rng)
-            yield b.collate(users[sel], targets[sel], hist, w, rng)
-            if max_steps and len(stamps) >= max_steps:
-                break
-        stamps.append(time.perf_counter())   # after the last step: the consumer asked for the next batch
-        cpu_stamps.append(time.process_time())
-
 
 def _bench_config(args: argparse.Namespace, output: Path):
     from raysparse.config import load_config
@@ -188,17 +156,14 @@ def run_train_bench(args: argparse.Namespace) -> int:
 
 def _plain_run(config, prepared, out: Path, threads: int) -> dict:
     from raysparse.local import build_recommender
-    from raysparse.ray_train import steady_rate
-    from raysparse.step import train_local
+    from raysparse.loop import train_local
 
     rec = build_recommender(config, prepared, str(out / "cache"))
-    timed = _TimedBatches(rec.builder)
     t0 = time.perf_counter()
-    history = train_local(config, prepared, rec.model.train(), timed, log=lambda r: None)
+    last = train_local(config, rec.model.train(), rec.builder, log=lambda r: None)[-1]
     return {"path": "plain loop (torch AdamW)", "workers": 1, "threads/worker": threads,
-            "steady ex/s": steady_rate(timed.epochs[-1], config.train.batch_size_per_worker),
-            "ex/CPU-s": steady_rate(timed.cpu_epochs[-1], config.train.batch_size_per_worker),
-            "last-epoch ex/s": history[-1]["examples_per_s"], "wall s": time.perf_counter() - t0}
+            "steady ex/s": last["steady_examples_per_s"], "ex/CPU-s": last["steady_examples_per_cpu_s"],
+            "last-epoch ex/s": last["examples_per_s"], "wall s": time.perf_counter() - t0}
 
 
 def _start_ray(args: argparse.Namespace, prepared):
@@ -215,7 +180,8 @@ def _start_ray(args: argparse.Namespace, prepared):
 
 def _ray_run(config, prepared, prepared_ref, out: Path, workers: int, args: argparse.Namespace) -> dict:
     from raysparse.ray_data import build_example_dataset
-    from raysparse.ray_train import build_trainer, deepspeed_config
+    from raysparse.engine import deepspeed_config
+    from raysparse.ray_train import build_trainer
 
     cfg = config.replace(**{"ray.num_workers": workers, "output": str(out / f"ray{workers}"),
                             "ray.storage_path": str(out / f"ray{workers}" / "ray")})
@@ -323,7 +289,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     from raysparse.data.synthetic import generate_synthetic
     from raysparse.data.text import render_item_texts
     from raysparse.errors import ConfigError
-    from raysparse.ray_train import batch_to_device, build_engine, deepspeed_config, engine_dtype
+    from raysparse.engine import batch_to_device, build_engine, deepspeed_config, engine_dtype
     from raysparse.step import compute_loss
 
     cuda = torch.cuda.is_available() and not args.tiny
