@@ -74,8 +74,6 @@ BEST_DIR = "best"            # the exported artifact of the best trial
 TRIALS_CSV = "trials.csv"
 SWEEP_JSON = "sweep.json"    # the base config + sweep settings, checked again on --resume
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
-TEST_PAUSE_ENV = "RAYSPARSE_TEST_TUNE_PAUSE_AFTER_EPOCH"  # test hook: each trial's controller stalls after
-PAUSED_FLAG = ".test_paused"                              # reporting that epoch, and says so in this file
 
 # The trial function only waits on its TorchTrainer, whose workers reserve the CPUs. Tune rejects an empty
 # request ({"cpu": 0}), and {"cpu": 0.01} (RAY_NOTES) leaves 1.98 of 2 CPUs, so a second 1-CPU trial waited
@@ -588,23 +586,7 @@ def tune_trial(point: dict, shared: dict) -> None:
     register = placement_group_callback(shared["releaser"]) if shared.get("releaser") is not None else None
     if register is not None:
         trainer.run_config.callbacks.append(register)
-    if shared.get("test_pause_after_epoch"):
-        trainer.run_config.callbacks.append(pause_callback(shared["test_pause_after_epoch"], out / PAUSED_FLAG))
     trainer.fit()
-
-
-def pause_callback(epoch: int, flag: Path):
-    """Test hook (TEST_PAUSE_ENV): after Tune has the report of `epoch` and Train has recorded its checkpoint,
-    the controller writes `flag` and stalls, so a test can kill the sweep at a known point."""
-    from ray.train import UserCallback
-
-    class PauseAfterEpoch(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if metrics and metrics[0].get("epoch") == epoch and not flag.exists():
-                flag.write_text(str(os.getpid()))
-                time.sleep(3600)
-
-    return PauseAfterEpoch()
 
 
 def decoded_point(params: tuple[Param, ...], point: dict) -> dict:
@@ -905,8 +887,7 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     releaser = ray.remote(num_cpus=0, max_concurrency=4)(PlacementGroupReleaser).remote()
     shared = {"config": config.to_dict(), "params": params, "prepared": ray.put(prepared), "dataset": dataset,
               "n_examples": int(n_examples), "cache_dir": cache_dir,
-              "keep_all_checkpoints": tc.metric != SELECT_METRIC or tc.mode != "max", "releaser": releaser,
-              "test_pause_after_epoch": int(os.environ.get(TEST_PAUSE_ENV) or 0)}
+              "keep_all_checkpoints": tc.metric != SELECT_METRIC or tc.mode != "max", "releaser": releaser}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, shared=shared), TRIAL_RESOURCES)
     log(f"{'resuming' if resume else 'starting'} sweep: {tc.num_samples} trials, up to {concurrency} at once "
         f"({config.ray.num_workers} workers x {config.ray.cpus_per_worker:g} CPU each), scheduler={tc.scheduler}, "
