@@ -1,6 +1,6 @@
 """raysparse: recommenders for sparse users — a BERT text tower fused with Deep Matrix Factorization.
 
-The core (config, data, model, step, metrics, artifact, recommender) needs neither Ray nor DeepSpeed;
+The core (config, data, model, step, metrics, artifact, recommender, sweep) needs neither Ray nor DeepSpeed;
 the Ray shells live in raysparse.ray_data / ray_train / ray_tune / ray_serve.
 """
 

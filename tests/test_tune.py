@@ -1,14 +1,15 @@
-"""Hyperparameter sweeps (Ray Tune around Ray Train).
+"""Hyperparameter sweeps (raysparse.sweep, run on Ray Tune around Ray Train by raysparse.ray_tune).
 
-Fast tests (no Ray instance): the `tune:` section and its --set overrides, the default space, every bad
-search space as one ConfigError before anything starts, the Tune domains (list options, inclusive randint),
-trial concurrency. `@pytest.mark.ray`: one 2-trial sweep on the planted data (1 worker per trial, frozen tiny
-BERT, Optuna + ASHA): trial table, exported best artifact and its summary, the shared text cache, --resume
-after the sweep's driver is SIGKILLed once a trial's epoch-1 checkpoint is registered.
+Fast tests (no Ray instance): the `tune:` section and its --set overrides (every key), the default space,
+every bad search space as one ConfigError before anything starts, the Tune domains (list options, inclusive
+randint), trial concurrency. `@pytest.mark.ray`: a 2-trial sweep on the planted data (1 worker per trial, frozen
+tiny BERT): trial table, exported best artifact and its summary; slow: the same sweep with Optuna + ASHA, its
+driver SIGKILLed once a trial's epoch-1 checkpoint is registered, then --resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,9 +22,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from raysparse.cli import main
 from raysparse.errors import ConfigError
-from raysparse.ray_tune import (DEFAULT_METRIC, Param, TuneConfig, check_tune, default_space, load_tune_config,
-                                parse_space, trial_concurrency, tunable_keys)
+from raysparse.ray_tune import run_tune, search_domain, tune_trial
+from raysparse.recommender import Recommender
+from raysparse.sweep import (DEFAULT_METRIC, TRIALS_CSV, Param, TuneConfig, check_tune, default_space,
+                             load_tune_config, parse_space, read_train_run, trial_concurrency, tunable_keys)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_TINY = ROOT / "configs" / "tune_tiny.yaml"
@@ -60,12 +64,38 @@ def test_tune_section_is_read_and_stripped_and_set_overrides_apply(tmp_path):
     text, _ = load_tune_config(path, ["data.text_template={title}"])             # a string option, as written
     assert text.data.text_template == "{title}"
     assert tc.space == {}
-    with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Known keys of 'tune': num_samples"):
+    with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Did you mean num_samples\? "
+                                          r"Known keys of 'tune': num_samples"):
         load_tune_config(path, ["tune.num_sample=4"])
+    with pytest.raises(ConfigError, match=r"tune.space must map SECTION.KEY to a distribution"):
+        load_tune_config(path, ["tune.space=5"])
     with pytest.raises(ConfigError, match=r"tune.num_samples='many' has the wrong type: expected int"):
         load_tune_config(path, ["tune.num_samples=many"])
     with pytest.raises(ConfigError, match=r"tune.scheduler='hyperband' is not allowed; choose one of 'asha', 'none'"):
         load_tune_config(path, ["tune.scheduler=hyperband"])
+
+
+# One value per tune key, as --set text and as TuneConfig holds it (none of them the default).
+SET_VALUES = {
+    "num_samples": ("3", 3), "metric": ("loss", "loss"), "mode": ("min", "min"), "scheduler": ("none", "none"),
+    "search": ("optuna", "optuna"), "max_concurrent_trials": ("2", 2), "grace_period": ("2", 2),
+    "reduction_factor": ("3", 3), "seed": ("7", 7),
+    "space": ("{train.lr: {uniform: [0.001, 0.01]}}", {"train.lr": {"uniform": [0.001, 0.01]}}),
+}
+
+
+def test_every_tune_key_takes_set_and_is_in_the_help(tmp_path, capsys):
+    assert set(SET_VALUES) == {f.name for f in dataclasses.fields(TuneConfig)}      # a new key needs a row here
+    path = write_yaml(tmp_path / "cfg.yaml", tune={"space": {"model.fusion_dim": {"choice": [8, 16]}}})
+    for key, (text, expected) in SET_VALUES.items():
+        _, tc = load_tune_config(path, [f"tune.{key}={text}"])
+        assert getattr(tc, key) == expected != getattr(TuneConfig(), key), key
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    shown = capsys.readouterr().out
+    for key in SET_VALUES:
+        assert f"tune.{key} = " in shown
+    assert "model.fusion_dim = " in shown                                          # and every run key
 
 
 def test_default_space_follows_what_the_model_uses(tmp_path):
@@ -114,8 +144,6 @@ def test_bad_sweep_fails_before_ray_or_any_trial_starts(tmp_path, capsys):
     """Through the CLI: one error line, exit 2, no Ray started, nothing written."""
     import ray
 
-    from raysparse.cli import main
-
     path = write_yaml(tmp_path / "cfg.yaml", tune={"space": {"train.lr": {"uniform": [0.1, 0.01]}}})
     assert main(["tune", "--config", str(path), "--num-samples", "2"]) == 2
     assert "error: tune.space['train.lr']: uniform lower bound 0.1 > upper bound 0.01" in capsys.readouterr().err
@@ -131,10 +159,10 @@ def test_bad_sweep_fails_before_ray_or_any_trial_starts(tmp_path, capsys):
 def test_list_options_and_inclusive_randint_become_tune_domains(tmp_path):
     layers = Param("model.dmf_user_layers", "choice", ([64, 32], [128, 64]))
     assert layers.encoded                                          # Optuna's categoricals take scalars only
-    assert layers.domain().categories == ["[64, 32]", "[128, 64]"]
+    assert search_domain(layers).categories == ["[64, 32]", "[128, 64]"]
     assert layers.decode("[128, 64]") == [128, 64]
     depth = Param("model.finetune_top_layers", "randint", (0, 2))
-    domain = depth.domain()
+    domain = search_domain(depth)
     assert (domain.lower, domain.upper) == (0, 3)                  # Tune's upper bound is exclusive
     draws = {domain.sample(random_state=np.random.default_rng(i)) for i in range(60)}
     assert draws == {0, 1, 2}
@@ -197,9 +225,6 @@ def interrupt_sweep(ray_instance, out: Path, sets: list[str], log: Path) -> dict
 @pytest.mark.ray
 def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder, dataset_dir):
     """The sweep end to end without interruption (the default suite); the resume path is the slow test below."""
-    from raysparse.ray_tune import TRIALS_CSV, run_tune
-    from raysparse.recommender import Recommender
-
     out = tmp_path / "sweep"
     sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={tmp_path / 'cache'}",
             "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.scheduler=none"]
@@ -223,9 +248,6 @@ def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_enc
 def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder,
                                                                        dataset_dir):
     from ray import tune
-
-    from raysparse.ray_tune import TRIALS_CSV, read_train_run, run_tune, tune_trial
-    from raysparse.recommender import Recommender
 
     cache = tmp_path / "cache"
     out = tmp_path / "sweep"
