@@ -275,15 +275,16 @@ def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_inst
     assert {"model.fusion_dim", "model.text_dim", "model.dmf_user_layers", "train.lr", "epochs", "best_epoch",
             f"best_{DEFAULT_METRIC}", f"final_{DEFAULT_METRIC}"} <= set(trials.columns)
     assert "fusion_dim" in result["table"] and "best_ndcg@10" in result["table"]
-    # Every trial trained epochs 1.. in order: all of them when completed, up to an ASHA rung (1 or 2) when
-    # stopped early; each trial that went on after the interruption continued from the checkpoint registered
-    # before it, not from scratch.
+    # Every trial trained epochs 1.. in order: all of them when completed, fewer when ASHA stopped it (at the
+    # first report at or past a rung it had not passed: a resumed trial can skip the rung's own epoch); each
+    # trial that went on after the interruption continued from the checkpoint registered before it, not from
+    # scratch.
     continued = []
     for _, row in trials.iterrows():
         history, _ = read_train_run(str(out / "trials" / row.trial_id / "ray" / "train"))
         trained = [r["epoch"] for r in history]
         last = epochs if row.status == "completed" else trained[-1]
-        assert trained == list(range(1, last + 1)) and row.epochs == last and last in (1, 2, epochs), row
+        assert trained == list(range(1, last + 1)) and row.epochs == last and 1 <= last <= epochs, row
         done = at_kill.get(row.trial_id, 0)
         if 0 < done < last:
             assert history[done]["restored_from_epoch"] == done
