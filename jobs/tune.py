@@ -13,31 +13,23 @@ multi-node cluster put `output` on storage every node reaches. Every key: `pytho
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from raysparse.config import describe_config
 from raysparse.errors import UserError
-from raysparse.ray_tune import BEST_DIR, add_tune_arguments, describe_tune_config, run_tune, tune_configs_from_args
+from raysparse.extra_cli import add_tune_arguments, run_tune_command, tune_help
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + "\n\n" + describe_tune_config() + "\n\n"
-                                     + describe_config(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + "\n\n" + tune_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config, tc = tune_configs_from_args(args)
         # Inside `ray job submit`, RAY_ADDRESS names the job's cluster; ray_train.connect joins it.
-        result = run_tune(config, tc, resume=args.resume)
+        return run_tune_command(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    best = result["best"]
-    print(json.dumps({"best_trial": best["trial_id"], "best_epoch": best["best_epoch"], best["metric"]: best["value"],
-                      "artifact": str(Path(config.output).resolve() / BEST_DIR)}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

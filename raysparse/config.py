@@ -303,7 +303,8 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 
 def coerce_value(key: str, value: Any, annotation: Any) -> Any:
     """Convert YAML/--set values to the field's declared type, or raise a ConfigError naming the key."""
-    target = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(str(annotation), annotation)
+    types = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+    target = types.get(str(annotation), annotation)
     if target is bool:
         if isinstance(value, bool):
             return value
@@ -340,19 +341,34 @@ def coerce_value(key: str, value: Any, annotation: Any) -> Any:
                     return parsed
             except json.JSONDecodeError:
                 pass
+    elif target is dict:
+        if isinstance(value, dict):
+            return dict(value)
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(target, '__name__', target)}. "
                       f"Example: --set {key}={_example(target)}")
 
 
 def _example(target: Any) -> str:
-    return {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]"}.get(target, "...")
+    examples = {bool: "true", int: "3", float: "0.5", str: "text", list: "[64,32]", dict: "'{key: value}'"}
+    return examples.get(target, "...")
 
 
-def parse_set_value(text: str, key: str = "", declared: str = "") -> Any:
+def parse_sets(sets: list[str] | None, sections: dict[str, type] | None = None) -> dict[str, Any]:
+    """`--set SECTION.KEY=VALUE` strings -> {SECTION.KEY: value}. sections: typed sections kept beside Config
+    (the sweep's `tune`, raysparse.sweep), whose string options then keep their text as written too."""
+    overrides = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, e.g. model.fusion_dim=64.")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_set_value(value, key, sections)
+    return overrides
+
+
+def parse_set_value(text: str, key: str = "", sections: dict[str, type] | None = None) -> Any:
     # --set values are YAML scalars/lists so "[64, 32]", "true" and "1e-3" all mean what they look like; a
     # string option takes the text as written (YAML would read "{title}" as the mapping {"title": None}).
-    # `declared`: the field's type when `key` is not a Config key (a ServeConfig field).
-    if (declared or _declared_type(key)) == "str":
+    if _declared_type(key, sections) == "str":
         return text
     try:
         return yaml.safe_load(text)
@@ -360,10 +376,11 @@ def parse_set_value(text: str, key: str = "", declared: str = "") -> Any:
         return text
 
 
-def _declared_type(dotted: str) -> str:
-    """The declared type of config key 'SECTION.KEY' or 'KEY' as written in the dataclass ('' if unknown)."""
+def _declared_type(dotted: str, sections: dict[str, type] | None = None) -> str:
+    """The declared type of config key 'SECTION.KEY' or 'KEY' as written in the dataclass ('' if unknown);
+    `sections` adds typed sections beside Config's own."""
     section, _, name = dotted.strip().rpartition(".")
-    cls = SECTIONS.get(section) if section else Config
+    cls = {**SECTIONS, **(sections or {})}.get(section) if section else Config
     fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
     return str(fields[name].type) if name in fields else ""
 
@@ -409,8 +426,9 @@ REMOVED_OPTIONS = {
 
 
 def section_from_dict(section: str, cls: type, values: dict) -> Any:
-    """`cls` (a section's dataclass) from its mapping; unknown keys and wrong types are ConfigErrors naming
-    SECTION.KEY and the known keys. Config's sections and ServeConfig read this way."""
+    """The typed section `cls` from its YAML mapping: unknown keys and wrong types raise a ConfigError naming
+    'SECTION.KEY' and the fix; `cls.__post_init__` validates the values. Config's sections, the sweep's and
+    ServeConfig."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -445,14 +463,7 @@ def read_config_file(path: str | Path | None) -> dict:
 
 def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
     """Read a YAML config (optional) and apply `--set section.key=value` strings."""
-    raw = read_config_file(path)
-    overrides = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like SECTION.KEY=VALUE, e.g. model.fusion_dim=64.")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_set_value(value, key)
-    return config_from_dict(raw, overrides)
+    return config_from_dict(read_config_file(path), parse_sets(sets))
 
 
 def describe_config() -> str:
@@ -464,10 +475,17 @@ def describe_config() -> str:
         lines.append(f"  {f.name} = {f.default!r}\n      {f.metadata['help']}")
     for section, cls in SECTIONS.items():
         lines.append(f"\n[{section}]")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-            lines.append(f"  {section}.{f.name} = {default!r}\n      {f.metadata['help']}")
+        lines += describe_section(section, cls)
     return "\n".join(lines)
+
+
+def describe_section(section: str, cls: type) -> list[str]:
+    """One entry per key of a typed section: 'SECTION.KEY = default' and its help text (for --help)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        lines.append(f"  {section}.{f.name} = {default!r}\n      {f.metadata['help']}")
+    return lines
 
 
 def save_config(config: Config, path: str | Path) -> None:

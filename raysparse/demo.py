@@ -12,6 +12,8 @@ import json
 import socket
 from pathlib import Path
 
+from raysparse.sweep import tune_config_from_dict
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_TEXT = "a starship crew explores a distant galaxy and a comet"
 
@@ -71,7 +73,7 @@ def run_on_ray(config, trials: int) -> int:
     from raysparse.local import epoch_line
     from raysparse.ray_serve import deploy
     from raysparse.ray_train import run_ray_training
-    from raysparse.ray_tune import tune_config_from_dict, run_tune
+    from raysparse.ray_tune import run_tune
     from raysparse.serve_config import ServeConfig
 
     # Workers' and Ray's own output (actor logs, controller warnings) stay in the session's log files; this

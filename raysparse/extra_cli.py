@@ -10,19 +10,22 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 from raysparse.client import DEFAULT_URL, RecommenderClient
+from raysparse.config import Config, describe_config
 from raysparse.errors import UserError
 from raysparse.http_api import check_artifact, run_plain
 from raysparse.ray_serve import deploy
+from raysparse.ray_tune import run_tune
 from raysparse.serve_config import add_serve_arguments, serve_config_from_args
+from raysparse.sweep import BEST_DIR, TuneConfig, describe_tune_config, load_tune_config
+from raysparse.train_cli import add_config_arguments
 
 
 def register(subparsers) -> None:
     register_serve(subparsers)
     register_query(subparsers)
-    from raysparse.ray_tune import register_tune  # Ray is imported only when `tune` runs
-
     register_tune(subparsers)
 
 
@@ -131,4 +134,46 @@ def run_query(args: argparse.Namespace) -> int:
         print(f"{rank:>4}  {str(item.item_id):<{width}}  {item.score:>9.4f}  {title[:60]}")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# ---- tune -------------------------------------------------------------------------------------------------------
+
+
+def register_tune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="Hyperparameter sweep: each trial a distributed training run (Ray Tune + Ray Train).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sweep the `tune:` section's space; writes <output>/trials.csv and <output>/best (the best "
+                    "trial's artifact with summary.json).\n\n" + tune_help())
+    add_tune_arguments(parser)
+    parser.set_defaults(func=run_tune_command)
+
+
+def tune_help() -> str:
+    """Every sweep key and every run key, for `raysparse tune --help` and `jobs/tune.py --help`."""
+    return describe_tune_config() + "\n\n" + describe_config()
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--num-samples", type=int, default=None, help="Trials; overrides tune.num_samples.")
+    parser.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in <output>.")
+
+
+def tune_configs_from_args(args: argparse.Namespace) -> tuple[Config, TuneConfig]:
+    sets = list(args.sets)
+    if getattr(args, "output", None):
+        sets.append(f"output={args.output}")
+    if args.num_samples is not None:
+        sets.append(f"tune.num_samples={args.num_samples}")
+    return load_tune_config(args.config, sets)
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    config, tc = tune_configs_from_args(args)
+    result = run_tune(config, tc, resume=args.resume)
+    best = result["best"]
+    print(json.dumps({"best_trial": best["trial_id"], "best_epoch": best["best_epoch"], best["metric"]: best["value"],
+                      "artifact": str(Path(config.output).resolve() / BEST_DIR)}, indent=2))
     return 0

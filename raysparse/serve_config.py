@@ -119,14 +119,13 @@ def load_serve_config(path: str | Path | None = None, sets: list[str] | None = N
             raise ConfigError(f"Config file {str(path)!r} has no `serve:` section; put the serve keys under it, "
                               f"e.g. `serve: {{port: 8001}}`.")
     values = dict(raw.get("serve") or {})
-    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
     for item in sets or []:
         key, eq, text = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not eq or section != "serve":
             raise ConfigError(f"--set {item!r} must look like serve.KEY=VALUE, e.g. serve.port=8001 (the model's "
                               f"own keys come from the artifact).")
-        values[name] = parse_set_value(text, declared=str(fields[name].type) if name in fields else "")
+        values[name] = parse_set_value(text, f"serve.{name}", {"serve": ServeConfig})
     values.update(flags or {})
     return section_from_dict("serve", ServeConfig, values)
 

@@ -265,14 +265,22 @@ from raysparse.loop import train_epochs, train_local
 from raysparse.preflight import check_static
 assert deepspeed_config(rec.config, 2)["train_batch_size"] == 2 * rec.config.train.batch_size_per_worker
 assert check_static(rec.config)["zero_optimization"]["stage"] == rec.config.ray.zero_stage
+# The sweep core: its config and search space.
+from raysparse.sweep import check_tune, load_tune_config
+config, tc = load_tune_config(sys.argv[2], ["tune.space.train.lr={uniform: [0.001, 0.01]}"])
+lr = check_tune(config, tc)[-1]
+assert (lr.key, lr.kind, lr.values) == ("train.lr", "uniform", (0.001, 0.01))
 assert not any(m.split(".")[0] in ("ray", "deepspeed") for m in sys.modules)
 print("ok")
 """
 
 
 def test_core_api_works_without_ray_or_deepspeed(trained):
+    """The Recommender, and the sweep's config and search-space checks (raysparse.sweep), with both blocked."""
     _, path = trained
-    proc = subprocess.run([sys.executable, "-c", NO_RAY, str(path)], capture_output=True, text=True, timeout=300)
+    tune_yaml = Path(__file__).resolve().parents[1] / "configs" / "tune_tiny.yaml"
+    proc = subprocess.run([sys.executable, "-c", NO_RAY, str(path), str(tune_yaml)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
 

@@ -1,14 +1,20 @@
-"""Hyperparameter sweeps (Ray Tune around Ray Train).
+"""Hyperparameter sweeps (raysparse.sweep, run on Ray Tune around Ray Train by raysparse.ray_tune).
 
-Fast tests (no Ray instance): the `tune:` section and its --set overrides, the default space, every bad
-search space as one ConfigError before anything starts, the Tune domains (list options, inclusive randint),
-trial concurrency. `@pytest.mark.ray`: one 2-trial sweep on the planted data (1 worker per trial, frozen tiny
-BERT, Optuna + ASHA): trial table, exported best artifact and its summary, the shared text cache, --resume.
+Fast tests (no Ray instance): the `tune:` section and its --set overrides (every key), the default space,
+every bad search space as one ConfigError before anything starts, the Tune domains (list options, inclusive
+randint), trial concurrency. `@pytest.mark.ray`: a 2-trial sweep on the planted data (1 worker per trial, frozen
+tiny BERT): trial table, exported best artifact and its summary; slow: the same sweep with Optuna + ASHA, its
+driver SIGKILLed once a trial's epoch-1 checkpoint is registered, then --resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +22,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from raysparse.cli import main
 from raysparse.errors import ConfigError
-from raysparse.ray_tune import (DEFAULT_METRIC, Param, TuneConfig, check_tune, default_space, load_tune_config,
-                                parse_space, trial_concurrency, tunable_keys)
+from raysparse.ray_tune import run_tune, search_domain, tune_trial
+from raysparse.recommender import Recommender
+from raysparse.sweep import (DEFAULT_METRIC, TRIALS_CSV, Param, TuneConfig, check_tune, default_space,
+                             load_tune_config, parse_space, read_train_run, trial_concurrency, tunable_keys)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_TINY = ROOT / "configs" / "tune_tiny.yaml"
@@ -55,12 +64,38 @@ def test_tune_section_is_read_and_stripped_and_set_overrides_apply(tmp_path):
     text, _ = load_tune_config(path, ["data.text_template={title}"])             # a string option, as written
     assert text.data.text_template == "{title}"
     assert tc.space == {}
-    with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Known keys of 'tune': num_samples"):
+    with pytest.raises(ConfigError, match=r"Unknown config key 'tune.num_sample'\. Did you mean num_samples\? "
+                                          r"Known keys of 'tune': num_samples"):
         load_tune_config(path, ["tune.num_sample=4"])
+    with pytest.raises(ConfigError, match=r"tune.space must map SECTION.KEY to a distribution"):
+        load_tune_config(path, ["tune.space=5"])
     with pytest.raises(ConfigError, match=r"tune.num_samples='many' has the wrong type: expected int"):
         load_tune_config(path, ["tune.num_samples=many"])
     with pytest.raises(ConfigError, match=r"tune.scheduler='hyperband' is not allowed; choose one of 'asha', 'none'"):
         load_tune_config(path, ["tune.scheduler=hyperband"])
+
+
+# One value per tune key, as --set text and as TuneConfig holds it (none of them the default).
+SET_VALUES = {
+    "num_samples": ("3", 3), "metric": ("loss", "loss"), "mode": ("min", "min"), "scheduler": ("none", "none"),
+    "search": ("optuna", "optuna"), "max_concurrent_trials": ("2", 2), "grace_period": ("2", 2),
+    "reduction_factor": ("3", 3), "seed": ("7", 7),
+    "space": ("{train.lr: {uniform: [0.001, 0.01]}}", {"train.lr": {"uniform": [0.001, 0.01]}}),
+}
+
+
+def test_every_tune_key_takes_set_and_is_in_the_help(tmp_path, capsys):
+    assert set(SET_VALUES) == {f.name for f in dataclasses.fields(TuneConfig)}      # a new key needs a row here
+    path = write_yaml(tmp_path / "cfg.yaml", tune={"space": {"model.fusion_dim": {"choice": [8, 16]}}})
+    for key, (text, expected) in SET_VALUES.items():
+        _, tc = load_tune_config(path, [f"tune.{key}={text}"])
+        assert getattr(tc, key) == expected != getattr(TuneConfig(), key), key
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    shown = capsys.readouterr().out
+    for key in SET_VALUES:
+        assert f"tune.{key} = " in shown
+    assert "model.fusion_dim = " in shown                                          # and every run key
 
 
 def test_default_space_follows_what_the_model_uses(tmp_path):
@@ -109,8 +144,6 @@ def test_bad_sweep_fails_before_ray_or_any_trial_starts(tmp_path, capsys):
     """Through the CLI: one error line, exit 2, no Ray started, nothing written."""
     import ray
 
-    from raysparse.cli import main
-
     path = write_yaml(tmp_path / "cfg.yaml", tune={"space": {"train.lr": {"uniform": [0.1, 0.01]}}})
     assert main(["tune", "--config", str(path), "--num-samples", "2"]) == 2
     assert "error: tune.space['train.lr']: uniform lower bound 0.1 > upper bound 0.01" in capsys.readouterr().err
@@ -126,10 +159,10 @@ def test_bad_sweep_fails_before_ray_or_any_trial_starts(tmp_path, capsys):
 def test_list_options_and_inclusive_randint_become_tune_domains(tmp_path):
     layers = Param("model.dmf_user_layers", "choice", ([64, 32], [128, 64]))
     assert layers.encoded                                          # Optuna's categoricals take scalars only
-    assert layers.domain().categories == ["[64, 32]", "[128, 64]"]
+    assert search_domain(layers).categories == ["[64, 32]", "[128, 64]"]
     assert layers.decode("[128, 64]") == [128, 64]
     depth = Param("model.finetune_top_layers", "randint", (0, 2))
-    domain = depth.domain()
+    domain = search_domain(depth)
     assert (domain.lower, domain.upper) == (0, 3)                  # Tune's upper bound is exclusive
     draws = {domain.sample(random_state=np.random.default_rng(i)) for i in range(60)}
     assert draws == {0, 1, 2}
@@ -151,38 +184,47 @@ def test_trial_concurrency_fits_the_cluster(tmp_path):
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
-def _start_interrupted_sweep(out: Path, sets: list[str], gcs_address: str, log: Path) -> None:
-    """`raysparse tune` in a subprocess on this test's Ray cluster; SIGKILLed once every trial has reported
-    epoch 1 (the test hook stalls each trial there), as a crashed driver would be."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from raysparse.ray_tune import PAUSED_FLAG, TEST_PAUSE_ENV
-
-    cmd = [sys.executable, "-m", "raysparse.cli", "tune", "--config", str(TUNE_TINY), "--output", str(out),
-           *[arg for item in sets for arg in ("--set", item)], "--set", f"ray.address={gcs_address}"]
-    with open(log, "w") as stream:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                                env={**os.environ, TEST_PAUSE_ENV: "1"})
+def registered_epochs(out: Path) -> dict[str, int]:
+    """trial_id -> the epoch of the latest checkpoint Ray Train has registered for that trial (its run's
+    checkpoint manager snapshot: what a restored run continues from)."""
+    done = {}
+    for snapshot in out.glob("trials/*/ray/train/checkpoint_manager_snapshot.json"):
         try:
-            deadline = time.monotonic() + 240
-            while len(list(out.glob(f"trials/*/{PAUSED_FLAG}"))) < 2:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            continue                                               # being written
+        done[snapshot.parents[2].name] = int((latest.get("metrics") or {}).get("epoch", 0))
+    return done
+
+
+def interrupt_sweep(ray_instance, out: Path, sets: list[str], log: Path) -> dict[str, int]:
+    """`raysparse tune` in a subprocess on this test's Ray cluster, SIGKILLed by pid (as a crashed driver would
+    be) as soon as Ray Train has registered any trial's epoch-1 checkpoint. Returns `registered_epochs` once
+    the driver's trials are gone (their placement groups removed)."""
+    cmd = [sys.executable, "-m", "raysparse.cli", "tune", "--config", str(TUNE_TINY), "--output", str(out),
+           *[arg for item in sets for arg in ("--set", item)],
+           "--set", f"ray.address={ray_instance.get_runtime_context().gcs_address}"]
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, env=dict(os.environ))
+        try:
+            deadline = time.monotonic() + 300
+            while not any(registered_epochs(out).values()):
                 assert proc.poll() is None, f"the sweep ended before it was interrupted:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"no trial reached epoch 1:\n{log.read_text()[-3000:]}"
-                time.sleep(0.5)
+                time.sleep(0.2)
         finally:
             proc.kill()
             proc.wait()
+    deadline = time.monotonic() + 60                               # the driver's actors die with it
+    while any(pg["state"] != "REMOVED" for pg in ray_instance.util.placement_group_table().values()):
+        assert time.monotonic() < deadline, "the killed sweep's trials still hold their placement groups"
+        time.sleep(0.5)
+    return registered_epochs(out)
 
 
 @pytest.mark.ray
 def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder, dataset_dir):
     """The sweep end to end without interruption (the default suite); the resume path is the slow test below."""
-    from raysparse.ray_tune import TRIALS_CSV, run_tune
-    from raysparse.recommender import Recommender
-
     out = tmp_path / "sweep"
     sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={tmp_path / 'cache'}",
             "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.scheduler=none"]
@@ -200,22 +242,23 @@ def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_enc
     assert best.config.model.fusion_dim == summary["params"]["model.fusion_dim"] == top["model.fusion_dim"]
 
 
-# Slow: it SIGKILLs a sweep at a known point and resumes it; under CI load the kill has raced the trial's
-# checkpoint registration once (the resumed trial then restarted from scratch), so it runs in `make test-all`.
+# Slow (two sweeps' worth of trials: the interrupted one and its resume): it runs in `make test-all`.
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder,
                                                                        dataset_dir):
     from ray import tune
 
-    from raysparse.ray_tune import TRIALS_CSV, read_train_run, run_tune, tune_trial
-    from raysparse.recommender import Recommender
-
     cache = tmp_path / "cache"
     out = tmp_path / "sweep"
+    # Four whole epochs: after its first (slow: start-up) epoch a trial has seconds of training left, so the
+    # trial seen at epoch 1 is still running when the killed driver's actors die (capped 3-step epochs after
+    # the first took 0.1 s: a trial could finish between the kill and its actors' end).
+    epochs = 4
     sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={cache}",
-            "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.search=optuna"]
-    _start_interrupted_sweep(out, sets, ray_instance.get_runtime_context().gcs_address, tmp_path / "killed.log")
+            f"train.epochs={epochs}", "train.max_steps_per_epoch=0", "tune.num_samples=2", "tune.search=optuna"]
+    at_kill = interrupt_sweep(ray_instance, out, sets, tmp_path / "killed.log")
+    assert 1 <= max(at_kill.values()) < epochs, at_kill
     assert tune.Tuner.can_restore(out / "tune")
     assert not (out / "best").exists()
 
@@ -232,11 +275,22 @@ def test_interrupted_two_trial_sweep_resumes_and_exports_the_best_trial(ray_inst
     assert {"model.fusion_dim", "model.text_dim", "model.dmf_user_layers", "train.lr", "epochs", "best_epoch",
             f"best_{DEFAULT_METRIC}", f"final_{DEFAULT_METRIC}"} <= set(trials.columns)
     assert "fusion_dim" in result["table"] and "best_ndcg@10" in result["table"]
-    # Each trial that went on after the interruption continued from its epoch-1 checkpoint.
-    for trial_id in trials[trials.status == "completed"].trial_id:
-        history, _ = read_train_run(str(out / "trials" / trial_id / "ray" / "train"))
-        assert [r["epoch"] for r in history] == [1, 2]
-        assert history[1]["restored_from_epoch"] == 1
+    # Every trial trained epochs 1.. in order: all of them when completed, fewer when ASHA stopped it (at the
+    # first report at or past a rung it had not passed: a resumed trial can skip the rung's own epoch); each
+    # trial that went on after the interruption continued from the checkpoint registered before it, not from
+    # scratch.
+    continued = []
+    for _, row in trials.iterrows():
+        history, _ = read_train_run(str(out / "trials" / row.trial_id / "ray" / "train"))
+        trained = [r["epoch"] for r in history]
+        last = epochs if row.status == "completed" else trained[-1]
+        assert trained == list(range(1, last + 1)) and row.epochs == last and 1 <= last <= epochs, row
+        done = at_kill.get(row.trial_id, 0)
+        if 0 < done < last:
+            assert history[done]["restored_from_epoch"] == done
+            continued.append(row.trial_id)
+    # The trial seen at epoch 1 was the first at ASHA's first rung (never stopped there) and had epochs left.
+    assert continued, (at_kill, trials)
 
     # The exported best: loads, recommends, and its summary is the best trial's.
     best = Recommender.load(out / "best")
