@@ -318,6 +318,29 @@ def test_variants_without_dmf_build_no_dmf_tower_and_need_residual_fusion(tmp_pa
         walk_config(tmp_path, variant="ids", fusion="concat")
 
 
+def test_text_variant_reads_no_item_ids_so_items_with_the_same_text_are_one_item(tmp_path, frames, tiny_encoder):
+    """'text': tokens are the projected item text alone (no id embedding, no DMF). Two catalogue items given the
+    same text are then the same item to the model: equal item vectors, and a user who read either one gets the
+    same vector and the same scores."""
+    interactions, items = frames
+    items = items.copy()
+    first, second = items["item_id"].iloc[0], items["item_id"].iloc[1]
+    items.loc[1, ["title", "genres"]] = items.loc[0, ["title", "genres"]].values
+    cfg = walk_config(tmp_path, variant="text", text_model=tiny_encoder, fusion="residual",
+                      example_mode="sequence").replace(data={"text_template": "{title}. {genres}"},
+                                                       train={"epochs": 1})
+    rec, _ = run_local(cfg, prepare_data(cfg, (interactions, items)), log=lambda s: None, save=False)
+    assert rec.model.history.item_emb is None and rec.model.dmf_user is None and rec.model.dmf_item is None
+    a, b = rec.items.to_idx([first, second])
+    torch.testing.assert_close(rec.item_vectors[a], rec.item_vectors[b])
+    # New users who read one of the two (fold-in): the same scores for every item both rankings show.
+    read_first, read_second = ({r.item_id: r.score for r in rec.recommend(histories=[[i]], k=20)[0]}
+                               for i in (first, second))
+    common = read_first.keys() & read_second.keys()
+    assert len(common) >= 18
+    np.testing.assert_allclose([read_first[i] for i in common], [read_second[i] for i in common], rtol=1e-5)
+
+
 def test_residual_fusion_needs_history_attention(tmp_path):
     with pytest.raises(ConfigError, match="model.fusion='residual'.*history_encoder=attention"):
         walk_config(tmp_path, fusion="residual", history_encoder="bag")
