@@ -172,7 +172,7 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raysparse.ray_data import shuffled_per_epoch
+    from raysparse.ray_data import fixed_block_order
 
     rc = config.ray
     storage, _ = run_location(config)
@@ -191,7 +191,7 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
         run_config=RunConfig(name=RUN_NAME, storage_path=storage, checkpoint_config=checkpoints,
                              failure_config=FailureConfig(max_failures=rc.max_failures),
                              callbacks=list(callbacks or [])),
-        datasets={"train": shuffled_per_epoch(dataset, config.train.seed)},
+        datasets={"train": fixed_block_order(dataset, config.train.seed)},
     )
 
 
