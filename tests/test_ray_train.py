@@ -5,7 +5,8 @@ starts, the per-user split of the Ray Data path against the core's split, and (i
 DeepSpeed initializes torch.distributed) that one DeepSpeed process trains exactly like the plain loop.
 `@pytest.mark.ray` tests share one Ray instance (2 CPUs) for the module: Ray Data preparation, 2 workers with
 ZeRO 0 (+ metric equality with one process, logs, resume) and with ZeRO 2 (+ a worker the test kills by its
-pid mid-run).
+pid mid-run), and, for ZeRO 0 and 2, a run whose driver the test kills resumed to exactly the metrics of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -434,6 +435,82 @@ def test_two_workers_zero2_survive_a_worker_killed_from_outside(ray_instance, tm
     state = run / f"epoch_{k:04d}" / "deepspeed" / "state"
     assert {p.name for p in state.glob("zero_pp_rank_*_optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
+_DRIVER_SCRIPT = textwrap.dedent("""
+    import sys
+    import ray
+    from raysparse.config import load_config
+    from raysparse.ray_train import run_ray_training
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    run_ray_training(load_config(sys.argv[2], sys.argv[3:]))
+""")
+
+
+def _recorded_epoch(run: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train has recorded in the run folder; 0 before the first."""
+    from raysparse.preflight import SNAPSHOT
+
+    try:
+        return int(json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        return 0
+
+
+def _epoch_results(history: list[dict]) -> list[dict]:
+    """What a run learned, epoch by epoch: the training loss and every validation metric (not the timings)."""
+    return [{k: v for k, v in r.items() if k == "loss" or k.startswith("val/")} for r in history]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_run_whose_driver_is_killed_resumes_to_the_metrics_of_the_uninterrupted_run(
+        ray_instance, tmp_path, tiny_encoder, dataset_dir, zero_stage):
+    """Issue 16, a known answer: run A trains 3 epochs without a stop. Run B has the same config and seed; its
+    driver runs in a subprocess on this Ray instance and the test SIGKILLs it once Ray Train has recorded a
+    checkpoint with epochs left (a crashed driver or a closed terminal; its workers die with it).
+    `run_ray_training(..., resume=True)` continues B's run folder from that checkpoint in a new driver, a new
+    dataset and new workers. Every epoch's loss and validation metrics of B equal A's exactly: the weights,
+    optimizer (ZeRO 2: one shard per rank), LR schedule and DeepSpeed's step counts come from the checkpoint;
+    the data order and the random draws (dropout, negatives) are seeded by (seed, epoch, rank) and each worker
+    holds the same blocks in every run (`ray_data.fixed_block_order`); the all-reduces of 2 workers add two
+    numbers, which has one result in any order. So no tolerance: any difference is a resume that does not
+    continue the run."""
+    from raysparse.ray_train import run_ray_training
+
+    epochs = 3
+    sets = [f"ray.zero_stage={zero_stage}", f"train.epochs={epochs}", "ray.keep_checkpoints=3", "ray.max_failures=0"]
+    a = run_ray_training(tiny_config(tmp_path / "a", dataset_dir, tiny_encoder, *sets), log=lambda line: None)
+
+    b_cfg = tiny_config(tmp_path / "b", dataset_dir, tiny_encoder, *sets)
+    run = tmp_path / "b" / "out" / "ray" / "train"
+    overrides = [f"output={tmp_path / 'b' / 'out'}", f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}",
+                 *sets]
+    driver_log = tmp_path / "driver_b.log"
+    with driver_log.open("w") as sink:
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER_SCRIPT, ray_instance.get_runtime_context().gcs_address,
+                                   str(TINY), *overrides], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while driver.poll() is None and _recorded_epoch(run) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running = driver.poll() is None
+            driver.kill()                                   # SIGKILL: no clean-up of its own
+            driver.wait(timeout=60)
+            killed_after = _recorded_epoch(run)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert running and 1 <= killed_after < epochs, (
+        f"the driver was to be killed with a checkpoint recorded and epochs left (running={running}, recorded "
+        f"epoch {killed_after}); its output:\n" + driver_log.read_text()[-3000:])
+
+    b = run_ray_training(b_cfg, resume=True, log=lambda line: None)
+    assert b["restored_from_epochs"] == [killed_after]
+    assert [r["epoch"] for r in b["history"]] == [r["epoch"] for r in a["history"]] == list(range(1, epochs + 1))
+    assert _epoch_results(b["history"]) == _epoch_results(a["history"])
+    assert b["best_epoch"] == a["best_epoch"] and b["val"] == a["val"] and b["test"] == a["test"]
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
