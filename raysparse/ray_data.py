@@ -420,11 +420,12 @@ def build_example_dataset(split: Split, mode: str = "prefix", num_blocks: int = 
                           progress_bars: bool = True, max_history: int = 50) -> "ray.data.Dataset":
     """Materialized Ray Dataset of training examples {user_idx, position, target} (see the module docstring).
     `num_blocks` blocks of users: enough blocks that each epoch's block order and worker shards vary.
-    progress_bars=False: this dataset runs without progress bars. Its blocks keep the order of the users
-    (preserve_order): by default Ray Data materializes blocks in the order their tasks finish, which varies
-    from run to run, and so would the blocks each worker's shard gets (issue 16: two runs with one seed
-    trained on different shards). Both settings carry over to the datasets derived from it, such as each
-    epoch's ingest: a Dataset keeps the DataContext it was created under."""
+    progress_bars=False: this dataset (and those derived from it, such as each epoch's ingest: a Dataset keeps
+    the DataContext it was created under) runs without progress bars. Its blocks keep the order of the users
+    (preserve_order while it is materialized): by default Ray Data materializes blocks in the order their
+    tasks finish, which varies from run to run, and so would the blocks each worker's shard gets (issue 16:
+    two runs with one seed trained on different shards). Ray Train sets the ingest's own execution options;
+    its equal split of the fixed block list is the same in every run (`ray_train.build_trainer`)."""
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.execution_options.preserve_order
     context.enable_progress_bars = progress_bars and saved[0]

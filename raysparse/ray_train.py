@@ -173,7 +173,7 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
     dataset: `ray_data.build_example_dataset` (n_examples rows); ds_config: `deepspeed_config`.
     validate=False (benchmarks) skips validation and the artifact in checkpoints. callbacks: Ray Train
     callbacks for the RunConfig (Tune's TuneReportCallback)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raysparse.ray_data import fixed_block_order
@@ -196,6 +196,10 @@ def build_trainer(config: Config, prepared_ref: "ray.ObjectRef", dataset: "ray.d
                              failure_config=FailureConfig(max_failures=rc.max_failures),
                              callbacks=list(callbacks or [])),
         datasets={"train": fixed_block_order(dataset, config.train.seed)},
+        # Shards by block order alone, not by the node that holds a block (which can differ between runs and
+        # after a restart): the same examples reach the same rank in every run (issue 16). The rows are three
+        # integers each, so the transfers this may add between nodes are small.
+        dataset_config=DataConfig(enable_shard_locality=False),
     )
 
 
