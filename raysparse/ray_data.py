@@ -419,7 +419,8 @@ def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str, m
 def build_example_dataset(split: Split, mode: str = "prefix", num_blocks: int = 8,
                           progress_bars: bool = True, max_history: int = 50) -> "ray.data.Dataset":
     """Materialized Ray Dataset of training examples {user_idx, position, target} (see the module docstring).
-    `num_blocks` blocks of users: enough blocks that each epoch's block order and worker shards vary.
+    `num_blocks` blocks of users: enough to split into equal worker shards (`ray_train.training_dataset`
+    asks for 4 per worker) and to build in parallel.
     progress_bars=False: this dataset (and those derived from it, such as each epoch's ingest: a Dataset keeps
     the DataContext it was created under) runs without progress bars. Its blocks keep the order of the users
     (preserve_order while it is materialized): by default Ray Data materializes blocks in the order their
