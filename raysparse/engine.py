@@ -244,9 +244,17 @@ class DeepSpeedTraining:
                                      self.builder, tokenizer, item_table(prepared))
 
     def restore(self, folder: Path) -> list[dict]:
-        """Load the checkpoint `save` wrote in `folder` (weights, optimizer, LR schedule); returns its history."""
+        """Load the checkpoint `save` wrote in `folder`; returns its history. DeepSpeed restores the weights, the
+        optimizer (its shard of it under ZeRO 1-2), the LR schedule's step and the optimizer-step count; the
+        micro-batch count, which places DeepSpeed's accumulation boundaries and which DeepSpeed does not save,
+        comes from train_state.json. Not saved: a gradient half-accumulated when an epoch ends (only when
+        steps per epoch is not a multiple of train.grad_accum_steps). The data order and the dropout,
+        negative-sampling and augmentation draws are seeded per epoch by the worker loop; early stopping
+        reads the history."""
         self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-        return json.loads((folder / "train_state.json").read_text())["history"]
+        state = json.loads((folder / "train_state.json").read_text())
+        self.engine.micro_steps = int(state.get("micro_steps", self.engine.micro_steps))  # older checkpoints lack it
+        return state["history"]
 
     def evaluate(self) -> dict:
         """Validation metrics ("val/...", full ranking) of the current weights, and val_seconds. Each worker
@@ -278,12 +286,13 @@ class DeepSpeedTraining:
     def save(self, folder: Path, record: dict, history: list[dict], artifact: bool = True) -> None:
         """The checkpoint of the epoch of `record` in `folder`: deepspeed/ from every rank (weights, optimizer,
         LR schedule; one optimizer shard per rank under ZeRO 1-2), and from rank 0 train_state.json (epoch,
-        history) and, with `artifact`, artifact/ (the serving artifact, with the epoch's validation metrics)."""
+        history, DeepSpeed's micro-batch count) and, with `artifact`, artifact/ (the serving artifact, with the
+        epoch's validation metrics)."""
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
         if self.rank != 0:
             return
-        (folder / "train_state.json").write_text(json.dumps({"epoch": record["epoch"], "history": history},
-                                                            default=float))
+        state = {"epoch": record["epoch"], "history": history, "micro_steps": int(self.engine.micro_steps)}
+        (folder / "train_state.json").write_text(json.dumps(state, default=float))
         if artifact:
             val = {k: v for k, v in record.items() if k.startswith("val/")}
             self.rec.save(folder / "artifact", metrics={"val": val, "epoch": record["epoch"]})

@@ -27,10 +27,13 @@ and samples but writes no quarantine.csv.
 
 Training examples, both paths (`build_example_dataset`): one row per user (user_idx, start, length) becomes
 rows {user_idx, position, target} with `map_batches(_expand_examples)`, exactly the examples of the core's
-`BatchBuilder.training_examples`, shuffled inside each block. The dataset is materialized once;
-`randomize_block_order` with a reseeding seed and a per-epoch permutation of each chunk a worker reads
-reshuffle it every epoch, and Ray Train splits it into one equal shard per worker
-(`ray.train.get_dataset_shard("train")`).
+`BatchBuilder.training_examples`, shuffled inside each block. The dataset is materialized once, its
+blocks put in one seeded order (`fixed_block_order`), and Ray Train splits it into one equal shard per worker
+(`ray.train.get_dataset_shard("train")`): the same blocks reach the same worker in the same order every epoch.
+Each epoch's order is drawn by the worker (`iter_example_batches`, seeded by seed, epoch and rank), so it is a
+function of the epoch alone and a restored run draws what the uninterrupted run drew (issue 16). A reseeding
+`randomize_block_order` would not be: its seed counts the dataset's executions, which restart at 0 in the
+fresh dataset of a resumed run and move with whatever else ran in the driver's process.
 """
 
 from __future__ import annotations
@@ -416,16 +419,22 @@ def _expand_examples(batch: dict[str, np.ndarray], train_items_ref, mode: str, m
 def build_example_dataset(split: Split, mode: str = "prefix", num_blocks: int = 8,
                           progress_bars: bool = True, max_history: int = 50) -> "ray.data.Dataset":
     """Materialized Ray Dataset of training examples {user_idx, position, target} (see the module docstring).
-    `num_blocks` blocks of users: enough blocks that each epoch's block order and worker shards vary.
-    progress_bars=False: this dataset (and those derived from it, such as each epoch's ingest, which a
-    Dataset inherits from the DataContext it was created under) runs without progress bars."""
+    `num_blocks` blocks of users: enough to split into equal worker shards (`ray_train.training_dataset`
+    asks for 4 per worker) and to build in parallel.
+    progress_bars=False: this dataset (and those derived from it, such as each epoch's ingest: a Dataset keeps
+    the DataContext it was created under) runs without progress bars. Its blocks keep the order of the users
+    (preserve_order while it is materialized): by default Ray Data materializes blocks in the order their
+    tasks finish, which varies from run to run, and so would the blocks each worker's shard gets (issue 16:
+    two runs with one seed trained on different shards). Ray Train sets the ingest's own execution options;
+    its equal split of the fixed block list is the same in every run (`ray_train.build_trainer`)."""
     context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = progress_bars and saved
+    saved = context.enable_progress_bars, context.execution_options.preserve_order
+    context.enable_progress_bars = progress_bars and saved[0]
+    context.execution_options.preserve_order = True
     try:
         return _example_dataset(split, mode, num_blocks, max_history)
     finally:
-        context.enable_progress_bars = saved
+        context.enable_progress_bars, context.execution_options.preserve_order = saved
 
 
 def _example_dataset(split: Split, mode: str, num_blocks: int, max_history: int) -> "ray.data.Dataset":
@@ -441,20 +450,21 @@ def _example_dataset(split: Split, mode: str, num_blocks: int, max_history: int)
     return ds.materialize()
 
 
-def shuffled_per_epoch(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":
-    """Block order re-drawn at every execution (= every epoch), reproducibly from `seed`."""
-    from ray.data import RandomSeedConfig
-
-    return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+def fixed_block_order(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":
+    """The blocks in one order drawn from `seed`, the same at every execution (= every epoch), so Ray Train's
+    equal split gives each worker the same blocks every epoch; the epoch's order is `iter_example_batches`'.
+    (An int seed is Ray's RandomSeedConfig(seed, reseed_after_execution=False).)"""
+    return ds.randomize_block_order(seed=seed)
 
 
 def iter_example_batches(shard, batch_size: int, seed: int, chunk_batches: int = 16
                          ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(user_idx, target, position) batches of a worker's shard (a Ray DataIterator). Ray Data hands over
     chunks of `chunk_batches` batches (its per-batch overhead paid once per chunk); each chunk is permuted
-    with an rng seeded by `seed` (pass one per epoch and worker) and cut into batches. With the block order
-    re-drawn every epoch (`shuffled_per_epoch`) and examples shuffled inside blocks at build time, every
-    epoch sees a new order. Yields ceil(rows / batch_size) batches, like one pass of the plain loop."""
+    with an rng seeded by `seed` (pass one per epoch and worker) and cut into batches. The shard's blocks come
+    in the same order every epoch (`fixed_block_order`); examples were shuffled inside blocks at build time,
+    and each epoch permutes each chunk anew, so the order depends on `seed` alone: a restored run redraws it.
+    Yields ceil(rows / batch_size) batches, like one pass of the plain loop."""
     rng = np.random.default_rng(seed)
     for chunk in shard.iter_batches(batch_size=batch_size * chunk_batches, batch_format="numpy",
                                     prefetch_batches=1):
