@@ -88,17 +88,23 @@ def run_location(config: Config) -> tuple[str, str]:
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
+def check_new_or_resume(path: str, exists: bool, resume: bool, thing: str, held: str, stopped: str) -> None:
+    """The rule every run folder follows (a training run here, a sweep in ray_tune): a new start needs `path`
+    free, --resume needs something there to continue. thing/held/stopped name it in the messages."""
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no {thing} to continue at {path}; start it without --resume "
+                          f"(or point --output / ray.storage_path at {stopped}).")
+    if not resume and exists:
+        raise ConfigError(f"{path} already holds {held}. Pass --resume to continue it, or choose another --output / "
+                          f"ray.storage_path (or delete that folder to start over).")
+
+
 def check_run_folder(run_dir: str, resume: bool, epochs: int | None = None) -> None:
     """A new run needs an empty run folder; --resume needs an existing one with epochs left to train."""
     fs, inner = (pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir))
     info = fs.get_file_info(inner)
     exists = info.type == pafs.FileType.Directory and bool(fs.get_file_info(pafs.FileSelector(inner)))
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no run to continue at {run_dir}; start it without --resume "
-                          f"(or point --output / ray.storage_path at the stopped run).")
-    if not resume and exists:
-        raise ConfigError(f"{run_dir} already holds a training run. Pass --resume to continue it, or choose "
-                          f"another --output / ray.storage_path (or delete that folder to start over).")
+    check_new_or_resume(run_dir, exists, resume, "run", "a training run", "the stopped run")
     if resume and epochs is not None:
         done = 0
         try:

@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from raysparse.config import Config, config_from_dict
-from raysparse.errors import ConfigError
 from raysparse.engine import deepspeed_config
-from raysparse.preflight import absolute_paths, check_before_start, check_static, run_location
+from raysparse.preflight import absolute_paths, check_before_start, check_new_or_resume, check_static, run_location
 from raysparse.ray_train import build_trainer, cluster_capacity, connect, training_dataset
 from raysparse.step import SELECT_METRIC
 from raysparse.sweep import (SWEEP_JSON, Param, TrialRecord, TuneConfig, check_metric, check_same_sweep, check_tune,
@@ -190,13 +189,7 @@ def tune_trial(point: dict, shared: dict) -> None:
 def check_experiment_folder(path: str, resume: bool) -> None:
     from ray.tune import Tuner
 
-    exists = Tuner.can_restore(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no sweep to continue at {path}; start it without --resume (or point "
-                          f"--output / ray.storage_path at the interrupted sweep).")
-    if not resume and exists:
-        raise ConfigError(f"{path} already holds a sweep. Pass --resume to continue it, or choose another --output "
-                          f"(or delete that folder to start over).")
+    check_new_or_resume(path, Tuner.can_restore(path), resume, "sweep", "a sweep", "the interrupted sweep")
 
 
 def build_tuner(config: Config, tc: TuneConfig, params: tuple[Param, ...], trainable, concurrency: int,
