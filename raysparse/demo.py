@@ -12,6 +12,11 @@ import json
 import socket
 from pathlib import Path
 
+from raysparse.client import RecommenderClient
+from raysparse.config import load_config
+from raysparse.local import epoch_line, run_local
+from raysparse.recommender import Recommender
+from raysparse.serve_config import ServeConfig
 from raysparse.sweep import tune_config_from_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -50,12 +55,8 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raysparse.config import load_config
-
     config = load_config(args.config, [f"output={Path(args.out).resolve()}"])
     if args.local:
-        from raysparse.local import run_local
-
         rec, summary = run_local(config)
         print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
                           if k.endswith("ndcg@10") and "sampled" not in k}, indent=2))
@@ -65,16 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_on_ray(config, trials: int) -> int:
+    # Ray and the Ray shells are imported here, not at the top: `raysparse demo --local` (and every other
+    # command, which imports this module to register it) runs without Ray.
     import ray
     from ray import serve
 
-    from raysparse import Recommender
-    from raysparse.client import RecommenderClient
-    from raysparse.local import epoch_line
     from raysparse.ray_serve import deploy
     from raysparse.ray_train import run_ray_training
     from raysparse.ray_tune import run_tune
-    from raysparse.serve_config import ServeConfig
 
     # Workers' and Ray's own output (actor logs, controller warnings) stay in the session's log files; this
     # process prints the story: each stage, its metrics, the three answers.
