@@ -2,7 +2,7 @@
 
 The core (config, data, model, step, loop, metrics, artifact, recommender, http_api, sweep) needs neither Ray
 nor DeepSpeed; engine (DeepSpeed, imported where an engine starts) and preflight need no Ray; the Ray shells live
-in raysparse.ray_data / ray_train / ray_tune / ray_serve.
+in raysparse.ray_data / ray_train / ray_tune / ray_placement / ray_serve.
 """
 
 from raysparse.recommender import Recommendation, Recommender

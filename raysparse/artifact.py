@@ -38,6 +38,16 @@ VERSION = 1
 DEAD_UNDER_ATTENTION = frozenset({"text.proj.weight", "text.proj.bias", "text.recency_logits"})
 
 
+def upgrade_saved_config(raw: dict) -> dict:
+    """An artifact's config.json as today's Config reads it. An artifact holds every key of the Config it was
+    saved with, so a key it lacks tells its age: before model.residual_hidden_dim existed, model.fusion_dim
+    also set the hidden width of the residual DMF projection; such an artifact keeps that width."""
+    model = raw.get("model") or {}
+    if model.get("fusion") == "residual" and "residual_hidden_dim" not in model and "fusion_dim" in model:
+        raw = {**raw, "model": {**model, "residual_hidden_dim": model["fusion_dim"]}}
+    return raw
+
+
 def write_config(path: str | Path, config) -> None:
     """<path>/config.json: the Config the artifact's model is loaded and scored with. Also rewritten alone
     when a choice made after training changes only scoring (model.text_prior), not the weights."""
@@ -88,7 +98,7 @@ def load_artifact(path: str | Path) -> dict:
     fmt = json.loads(fmt_file.read_text())
     if fmt.get("format") != FORMAT or fmt.get("version") != VERSION:
         raise UserError(f"artifact {str(path)!r} has format {fmt}; this raysparse reads version {VERSION}.")
-    config = config_from_dict(json.loads((path / "config.json").read_text()))
+    config = config_from_dict(upgrade_saved_config(json.loads((path / "config.json").read_text())))
     users, items = Vocab.load(path / "users.json"), Vocab.load(path / "items.json")
     arrays = load_file(str(path / "interactions.safetensors"))
     n_users, n_items = len(users), len(items)

@@ -96,9 +96,11 @@ class ModelConfig:
                                 "an item's text enters its token through attention_dim instead).")
     dmf_user_layers: list = option([256, 128], "Widths of the DMF user MLP (first = sparse EmbeddingBag layer).")
     dmf_item_layers: list = option([256, 128], "Widths of the DMF item MLP (first = sparse EmbeddingBag layer).")
-    fusion_dim: int = option(128, "Size of the fused user vector and of the item vector (fusion='concat'); the "
-                                  "hidden width of the DMF projection (fusion='residual', where vectors have "
-                                  "attention_dim entries).")
+    fusion_dim: int = option(128, "Size of the fused user vector and of the item vector (fusion='concat'). Unused "
+                                  "under fusion='residual', where both have attention_dim entries.")
+    residual_hidden_dim: int = option(128, "Hidden width of the MLP that projects the DMF row onto the attention "
+                                           "output (fusion='residual' with a DMF variant: DMF row -> this width -> "
+                                           "attention_dim). Unused under fusion='concat'.")
     item_text: bool = option(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
                                    "seen items borrow from their text.")
     text_prior: float = option(0.0, "Weight of a zero-shot text prior added when scoring (variants with text): "
@@ -130,8 +132,8 @@ class ModelConfig:
                                    "scored against item vectors of size fusion_dim. 'residual' (history attention "
                                    "only): the attention output is the user vector and the item's own token (id "
                                    "embedding + text) its vector, as in SASRec; the DMF row is added to the user "
-                                   "through a projection that starts at zero, so training starts from the sequence "
-                                   "model and DMF adds only what it improves. (No DMF item column, and item_text "
+                                   "through a projection that starts at zero (hidden width residual_hidden_dim), so "
+                                   "training starts from the sequence model and DMF adds only what it improves. (No DMF item column, and item_text "
                                    "does not apply: an item's token already carries its text.)")
 
     def __post_init__(self) -> None:
@@ -156,7 +158,7 @@ class ModelConfig:
             raise ConfigError("model.history_encoder='attention' reads the cached item text embeddings, so the "
                               f"encoder would not train: set model.finetune=frozen (got {self.finetune!r}), or "
                               "keep history_encoder='bag' to fine-tune the encoder on the history text.")
-        for name in ("text_dim", "fusion_dim"):
+        for name in ("text_dim", "fusion_dim", "residual_hidden_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.finetune_top_layers", self.finetune_top_layers, allow_zero=True)
         for name in ("text_prior", "text_prior_items"):

@@ -3,19 +3,34 @@
 synthetic data -> Ray Train + DeepSpeed on local Ray (2 workers) -> a 2-trial Ray Tune sweep -> Ray Serve
 hosts the best artifact -> three queries over HTTP (a known user, a new user by history, a new user by
 text) -> shutdown. `--local` trains in this process instead and queries the Python API.
+
+The console tells the story (each stage, its metrics, the three answers); Ray's own output goes to files:
+Ray's driver-side loggers to <out>/ray-driver.log (`keep_ray_logs_in`), workers, actors, Ray Data and Serve to
+the Ray session's log folder, both named at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import socket
 from pathlib import Path
 
+from raysparse.client import RecommenderClient
+from raysparse.config import load_config
+from raysparse.local import epoch_line, run_local
+from raysparse.recommender import Recommender
+from raysparse.serve_config import ServeConfig
 from raysparse.sweep import tune_config_from_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_TEXT = "a starship crew explores a distant galaxy and a comet"
+RAY_DRIVER_LOG = "ray-driver.log"
+# Ray's driver-side loggers: "ray" (core, and ray.train / ray.tune, which pass their records up to it), and
+# the two that Ray Data and Serve configure with console handlers of their own.
+RAY_LOGGERS = ("ray", "ray.data", "ray.serve")
 
 
 def register(subparsers) -> None:
@@ -49,13 +64,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: argparse.Namespace) -> int:
-    from raysparse.config import load_config
+def keep_ray_logs_in(path: Path) -> Path:
+    """Ray's driver-side Python loggers write to `path` instead of the console: their console handlers are
+    removed and one file handler takes their place (Ray Data also keeps writing its own ray-data.log in the
+    session's log folder). Call after `import ray.data` and `ray.serve`, which add their handlers on import."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)          # Ray Data's logger passes DEBUG records; its ray-data.log keeps them
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- "
+                                           "%(message)s"))
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
 
+
+def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, [f"output={Path(args.out).resolve()}"])
     if args.local:
-        from raysparse.local import run_local
-
         rec, summary = run_local(config)
         print(json.dumps({k: round(v, 4) for k, v in summary["test"].items()
                           if k.endswith("ndcg@10") and "sampled" not in k}, indent=2))
@@ -65,22 +95,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_on_ray(config, trials: int) -> int:
+    # Ray and the Ray shells are imported here, not at the top: `raysparse demo --local` (and every other
+    # command, which imports this module to register it) runs without Ray.
+    # Read when Tune and the Hugging Face libraries are first imported (below): Tune's older output engine
+    # prints nothing at verbose=0 (the newer one still prints its configuration table), and the encoder's
+    # weight-loading progress bar is not part of the story. A value set by the user wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import ray
-    from ray import serve
+    import ray.data  # noqa: F401  (imported before keep_ray_logs_in: it adds its console handler on import)
+    from ray import serve  # noqa: F401  (the same)
 
-    from raysparse import Recommender
-    from raysparse.client import RecommenderClient
-    from raysparse.local import epoch_line
     from raysparse.ray_serve import deploy
     from raysparse.ray_train import run_ray_training
     from raysparse.ray_tune import run_tune
-    from raysparse.serve_config import ServeConfig
 
-    # Workers' and Ray's own output (actor logs, controller warnings) stay in the session's log files; this
-    # process prints the story: each stage, its metrics, the three answers.
+    # Workers' output (log_to_driver=False) stays in the session's log files, Ray's driver-side logging in
+    # ray-driver.log; this process prints the story: each stage, its metrics, the three answers.
+    driver_log = keep_ray_logs_in(Path(config.output) / RAY_DRIVER_LOG)
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     logs = Path(context.address_info["session_dir"]) / "logs"
-    print(f"Ray's own output and every worker's: {logs}")
+    where = f"Ray's logs: {driver_log} (this process) and {logs} (workers, Ray Data, Serve)"
+    print(where)
     try:
         print("\n### 1/4 Ray Train + DeepSpeed, 2 workers")
         summary = run_ray_training(config)
@@ -112,7 +148,9 @@ def run_on_ray(config, trials: int) -> int:
                     print(f"  {str(item.item_id):>10}  {item.score:8.3f}  {(item.text or '')[:70]}")
         print(f"\nbest trial: {json.dumps(result['best'].get('metrics', {}), default=str)[:300]}")
     finally:
-        serve.shutdown()
+        # ray.shutdown() stops the local Ray instance this process started, Serve included. serve.shutdown()
+        # first would end the Serve controller while its own calls are pending, and the raylet then reports
+        # each of them as a failed task on this console.
         ray.shutdown()
-    print(f"\nRay's logs of this run: {logs}")
+    print(f"\n{where}")
     return 0

@@ -18,7 +18,7 @@ Trial, `tune_trial(point, shared)`: a Tune function trainable that builds the ru
 Tune with `TuneReportCallback` (the Train V2 pattern: https://docs.ray.io/en/latest/train/user-guides/
 hyperparameter-optimization.html). The trial actor itself reserves no CPU (see TRIAL_RESOURCES), so
 floor(CPUs / (num_workers x cpus_per_worker)) trials run side by side without deadlock, and a trial that
-Tune ends early gives its workers' CPUs back at once (`PlacementGroupReleaser`).
+Tune ends early gives its workers' CPUs back at once (`raysparse.ray_placement`, a workaround for Ray Train V2).
 
 Resume: Tune restores its experiment (<output>/tune); a trial that did not finish runs its function again,
 and its TorchTrainer, pointed at the same run folder, continues from that run's latest checkpoint (Ray
@@ -30,10 +30,9 @@ Ray is imported inside functions, so `raysparse tune --help` and the checks run 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from raysparse.config import Config, config_from_dict
 from raysparse.engine import deepspeed_config
@@ -70,95 +69,6 @@ def search_domain(param: Param) -> "Domain":
     return tune.randint(lower, upper + 1)  # Tune's upper bound is exclusive; ours is included
 
 
-# ------------------------------------------------------------------------------------------------ placement groups
-
-class PlacementGroupReleaser:
-    """Removes the placement group of a Train run whose controller died without removing it.
-
-    When ASHA stops a trial (or a trial reaches ASHA's max_t), Tune ends the trial actor at once; the Train
-    controller it owns dies with it, before it can remove its workers' placement group. Ray Train V2 leaves
-    that to its PlacementGroupCleaner, which asks the State API (the dashboard) whether the controller lives.
-    Without a dashboard, or with two local Ray instances on one machine ("Found multiple active Ray
-    instances", seen here), the cleaner cannot ask, the group keeps its CPUs until the driver exits, and the
-    next trial waits forever. This actor (no CPU, owned by the sweep's driver) is told each controller and
-    its group when the worker group starts, pings the controller every `interval_s`, and removes the group
-    once the controller is dead and the group is still there.
-    """
-
-    def __init__(self, interval_s: float = 1.0):
-        self._entries: list[tuple[Any, Any]] = []     # (controller ActorHandle, PlacementGroup)
-        self._lock = threading.Lock()
-        self._interval_s = interval_s
-        self.released = 0
-        threading.Thread(target=self._loop, name="PlacementGroupReleaser", daemon=True).start()
-
-    def register(self, controller, placement_group) -> None:
-        with self._lock:
-            self._entries.append((controller, placement_group))
-
-    def drain(self, timeout_s: float = 60.0) -> int:
-        """Wait until every registered controller is gone and its group handled; returns groups released."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._entries:
-                    break
-            time.sleep(self._interval_s / 2)
-        return self.released
-
-    def _loop(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group_table, remove_placement_group
-
-        while True:
-            time.sleep(self._interval_s)
-            with self._lock:
-                entries = list(self._entries)
-            for entry in entries:
-                controller, pg = entry
-                try:
-                    ray.get(controller.__ray_ready__.remote(), timeout=10)
-                    continue                                      # alive: its own shutdown removes the group
-                except ray.exceptions.RayActorError:
-                    pass                                          # dead (or unreachable for good)
-                except Exception:  # noqa: BLE001 - a timeout or a hiccup: ask again next round
-                    continue
-                with self._lock:
-                    self._entries.remove(entry)
-                try:
-                    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
-                        remove_placement_group(pg)
-                        self.released += 1
-                except Exception:  # noqa: BLE001 - already gone, or the cluster is shutting down
-                    pass
-
-
-def placement_group_callback(releaser):
-    """A Train callback (run in the controller) that registers each worker group's placement group with
-    `releaser`. Ray Train V2 adds run_config callbacks that are not UserCallbacks to its internal ones
-    (DataParallelTrainer._create_default_callbacks: "allows custom workarounds built on top of internal
-    callbacks"). None when this Ray version has no such hook."""
-    import ray
-
-    try:
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:
-        return None
-
-    class RegisterPlacementGroup(WorkerGroupCallback):
-        def __init__(self, releaser):
-            self.releaser = releaser
-
-        def after_worker_group_start(self, worker_group) -> None:
-            try:
-                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-                self.releaser.register.remote(ray.get_runtime_context().current_actor, pg)
-            except Exception:  # noqa: BLE001 - best effort: Ray's own cleaner still runs
-                pass
-
-    return RegisterPlacementGroup(releaser)
-
-
 # ------------------------------------------------------------------------------------------------ trial
 
 def trial_name(trial) -> str:
@@ -177,6 +87,8 @@ def tune_trial(point: dict, shared: dict) -> None:
                           shared["cache_dir"], shared["keep_all_checkpoints"])
     prepare_trial_folder(config, trial_id, shared["params"], point, shared["cache_dir"])
     callbacks = [TuneReportCallback()]
+    from raysparse.ray_placement import placement_group_callback  # imports ray
+
     register = placement_group_callback(shared["releaser"]) if shared.get("releaser") is not None else None
     if register is not None:
         callbacks.append(register)
@@ -276,6 +188,7 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     from ray import tune
 
     from raysparse.ray_data import prepare_for_ray  # imports ray
+    from raysparse.ray_placement import start_releaser, stop_releaser  # imports ray
 
     t0 = time.perf_counter()
     config = absolute_paths(config)
@@ -305,7 +218,7 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_JSON).write_text(json.dumps(sweep, indent=2))
 
-    releaser = ray.remote(num_cpus=0, max_concurrency=4)(PlacementGroupReleaser).remote()
+    releaser = start_releaser()
     shared = {"config": config.to_dict(), "params": params, "prepared": ray.put(prepared), "dataset": dataset,
               "n_examples": int(n_examples), "cache_dir": cache_dir,
               "keep_all_checkpoints": tc.metric != SELECT_METRIC or tc.mode != "max", "releaser": releaser}
@@ -317,8 +230,7 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     try:
         grid = tuner.fit()
     finally:
-        released = ray.get(releaser.drain.remote(60.0))
-        ray.kill(releaser)
+        released = stop_releaser(releaser, 60.0)
     if released:
         log(f"released {released} placement group(s) of Train runs whose trial Tune ended")
 

@@ -78,7 +78,7 @@ NOT_TUNABLE = {
 
 # Used when `tune.space` is empty: the list, limited to what the base config uses (text keys only
 # with a text tower, the fine-tuning depth only with finetune=top, the encoder's learning rate only when it
-# trains).
+# trains, text_dim only with the bag encoder, fusion_dim only with concat fusion).
 DEFAULT_SPACE: dict[str, dict] = {
     "model.fusion_dim": {"choice": [64, 128, 256]},
     "model.text_dim": {"choice": [64, 128, 256]},
@@ -110,6 +110,10 @@ def default_space(config: Config) -> dict[str, dict]:
         skip.add("model.finetune_top_layers")
     if mc.finetune == "frozen":
         skip.add("train.text_lr")
+    if mc.history_encoder == "attention":
+        skip.add("model.text_dim")          # the attention reads item text embeddings itself (text_user_dim)
+    if mc.fusion == "residual":
+        skip.add("model.fusion_dim")        # vectors have attention_dim entries; residual_hidden_dim is the width
     return {k: json.loads(json.dumps(v)) for k, v in DEFAULT_SPACE.items() if k not in skip}
 
 

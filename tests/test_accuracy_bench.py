@@ -25,7 +25,7 @@ def bench(dataset, out, *extra: str) -> dict:
 
     code = main(["bench", "accuracy", "--data", str(dataset), "--seeds", "2", "--fast", "--trainer", "local",
                  "--baselines", "popularity,ease", "--variants", "dmf", "--out", str(out),
-                 "--set", "model.attention_dim=16", "--set", "model.fusion_dim=16",
+                 "--set", "model.attention_dim=16", "--set", "model.residual_hidden_dim=16",
                  "--set", "model.dmf_user_layers=[16]", "--set", "model.dmf_item_layers=[16]",
                  *(extra if "--our-grid" in extra else ("--our-grid", "", *extra))])
     assert code == 0

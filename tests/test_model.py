@@ -265,6 +265,10 @@ from raysparse.loop import train_epochs, train_local
 from raysparse.preflight import check_static
 assert deepspeed_config(rec.config, 2)["train_batch_size"] == 2 * rec.config.train.batch_size_per_worker
 assert check_static(rec.config)["zero_optimization"]["stage"] == rec.config.ray.zero_stage
+# The Ray Data path's per-block steps and its file listing are core too.
+from raysparse.data.blocks import expand_examples, user_sequence
+from raysparse.data.sources import choose_reader
+assert choose_reader("") == "pandas"
 # The sweep core: its config and search space.
 from raysparse.sweep import check_tune, load_tune_config
 config, tc = load_tune_config(sys.argv[2], ["tune.space.train.lr={uniform: [0.001, 0.01]}"])

@@ -133,7 +133,7 @@ def test_split_of_user_sequences_equals_core_split(frames):
     users come in the same order."""
     from raysparse.data.dataset import index_interactions
     from raysparse.data.split import split_last_item
-    from raysparse.ray_data import split_sequences
+    from raysparse.data.split import split_sequences
 
     interactions, items = frames
     log = index_interactions(interactions, items)
@@ -147,11 +147,11 @@ def test_split_of_user_sequences_equals_core_split(frames):
 
 
 def test_user_group_drops_duplicates_across_blocks_and_keeps_latest_repeat():
-    from raysparse.ray_data import _user_sequence
+    from raysparse.data.blocks import user_sequence
 
     group = pd.DataFrame({"user_id": ["u"] * 5, "item_idx": [3, 1, 3, 2, 1], "timestamp": [30, 10, 30, 20, 40],
                           "rating": np.full(5, np.nan, np.float32)})
-    row = _user_sequence(group).iloc[0]
+    row = user_sequence(group).iloc[0]
     # time order 1@10, 2@20, 3@30, (3@30 duplicate), 1@40 -> duplicate dropped, item 1 kept at its latest time
     assert row["items"].tolist() == [2, 3, 1]
     assert row["duplicates"] == 1 and row["repeats"] == 1
@@ -231,7 +231,8 @@ def test_ray_data_preparation_matches_pandas_and_builds_the_same_examples(ray_in
                                                                           tiny_encoder, monkeypatch):
     from raysparse.build import prepare_data
     from raysparse.data.examples import BatchBuilder
-    from raysparse.ray_data import build_example_dataset, choose_reader, prepare_data_ray
+    from raysparse.data.sources import choose_reader
+    from raysparse.ray_data import build_example_dataset, prepare_data_ray
 
     interactions, items = frames
     folder = tmp_path / "csv"
@@ -242,9 +243,9 @@ def test_ray_data_preparation_matches_pandas_and_builds_the_same_examples(ray_in
                                                                         index=False)
     items.to_parquet(folder / "items.parquet")
     cfg = tiny_config(tmp_path, folder, tiny_encoder, "data.on_bad_rows=quarantine", "data.cohort_fraction=0.0")
-    assert choose_reader(cfg) == "pandas"                          # small and local
+    assert choose_reader(cfg.data.path) == "pandas"                          # small and local
     monkeypatch.setenv("RAYSPARSE_READER", "ray")
-    assert choose_reader(cfg) == "ray"
+    assert choose_reader(cfg.data.path) == "ray"
 
     ours = prepare_data_ray(cfg.replace(**{"data.path": f"file://{folder}"}))   # a URI, read by pyarrow
     core = prepare_data(cfg)

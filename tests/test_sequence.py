@@ -32,7 +32,8 @@ def walks(n_users: int = 160, n_items: int = 24, length: int = 8, seed: int = 0)
 
 def walk_config(tmp_path, variant: str = "dmf", text_model: str = "", example_mode: str = "prefix", **model):
     base = {"variant": variant, "text_model": text_model, "finetune": "frozen", "history_encoder": "attention",
-            "attention_dim": 32, "attention_layers": 1, "attention_heads": 2, "fusion_dim": 32, "text_dim": 16,
+            "attention_dim": 32, "attention_layers": 1, "attention_heads": 2, "fusion_dim": 32,
+            "residual_hidden_dim": 32, "text_dim": 16,
             "dmf_user_layers": [32], "dmf_item_layers": [32], "dropout": 0.0, "modality_dropout": 0.0}
     base.update(model)
     return config_from_dict({
@@ -254,11 +255,14 @@ def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path, fus
 def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, frames, tiny_encoder, fusion):
     """Trained in sequence mode, saved, loaded: the same scores for a known user, a new user's history and a
     text-only user (one text token), and the known user's items are excluded; older artifacts with the
-    text tower's unused projection still load."""
+    text tower's unused projection, or (residual) with the DMF projection's width in model.fusion_dim, still
+    load."""
+    import json
+
     from raysparse.recommender import Recommender
 
     cfg = walk_config(tmp_path, variant="fused", text_model=tiny_encoder, example_mode="sequence",
-                      fusion=fusion).replace(
+                      fusion=fusion, residual_hidden_dim=24).replace(
         **{"train.epochs": 1, "data.text_template": "{title}. {genres}", "data.max_length": 24})
     rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None, save=True)
     # The attention reads the cached item text itself: the text tower holds no user projection of its own.
@@ -272,11 +276,20 @@ def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, fr
                   "text.recency_logits": torch.ones(50)})
     save_file(state, str(tmp_path / "artifact" / "model.safetensors"))
     old = Recommender.load(tmp_path / "artifact")
+    # An artifact saved before model.residual_hidden_dim existed: its config has no such key, and fusion_dim
+    # held the residual projection's width (24 here; today's default, 128, would not fit its weights).
+    saved = json.loads((tmp_path / "artifact" / "config.json").read_text())
+    del saved["model"]["residual_hidden_dim"]
+    saved["model"]["fusion_dim"] = 24 if fusion == "residual" else saved["model"]["fusion_dim"]
+    (tmp_path / "artifact" / "config.json").write_text(json.dumps(saved))
+    older = Recommender.load(tmp_path / "artifact")
+    assert older.config.model.residual_hidden_dim == (24 if fusion == "residual" else 128)
     for kwargs in ({"user_ids": ["u000"]}, {"histories": [["i001", "i005"]]}, {"texts": ["space robots"]}):
-        a, b, c = (r.recommend(**kwargs, k=5)[0] for r in (rec, loaded, old))
-        assert [r.item_id for r in a] == [r.item_id for r in b] == [r.item_id for r in c]
-        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose([r.score for r in a], [r.score for r in c], rtol=1e-5, atol=1e-6)
+        answers = [r.recommend(**kwargs, k=5)[0] for r in (rec, loaded, old, older)]
+        for other in answers[1:]:
+            assert [r.item_id for r in other] == [r.item_id for r in answers[0]]
+            np.testing.assert_allclose([r.score for r in other], [r.score for r in answers[0]], rtol=1e-5,
+                                       atol=1e-6)
     seen = set(rec.builder.split.history(int(rec.users.to_idx(["u000"])[0])).tolist())
     top = rec.recommend(user_ids=["u000"], k=10)[0]
     assert not seen & set(rec.items.to_idx([r.item_id for r in top]).tolist())

@@ -109,6 +109,9 @@ def test_default_space_follows_what_the_model_uses(tmp_path):
     dmf, _ = load_tune_config(write_yaml(tmp_path / "c.yaml", model={"variant": "dmf"}))
     assert set(default_space(dmf)) == {"model.fusion_dim", "model.dmf_user_layers", "model.dmf_item_layers",
                                        "train.lr"}
+    residual, _ = load_tune_config(write_yaml(tmp_path / "d.yaml", model={
+        "finetune": "frozen", "history_encoder": "attention", "fusion": "residual"}))
+    assert set(default_space(residual)) == {"model.dmf_user_layers", "model.dmf_item_layers", "train.lr"}
     assert len(check_tune(config, tc)) == 7                                      # the defaults are valid
 
 

@@ -15,6 +15,12 @@ import sys
 import tempfile
 import time
 
+from raysparse.data.dataset import index_interactions
+from raysparse.data.io import read_catalogue, read_interactions
+from raysparse.data.split import split_last_item
+from raysparse.data.synthetic import generate_synthetic
+from raysparse.errors import UserError
+
 GOAL_RATE = 1_000_000      # interactions / s, read + validate + index + split
 GOAL_RSS_GIB = 3.0
 
@@ -34,10 +40,6 @@ def _peak_rss_gib() -> float:
 
 def _child(data_dir: str) -> None:
     """Run the timed stages; print one JSON line per stage: name, seconds, rows, peak RSS so far."""
-    import pandas as pd  # noqa: F401  (imported before timing: import cost is not data work)
-
-    from raysparse.data.io import read_catalogue, read_interactions
-
     cpu_mark = [time.process_time()]
 
     def emit(stage: str, seconds: float | None, rows: int | None, note: str = "") -> None:
@@ -53,12 +55,6 @@ def _child(data_dir: str) -> None:
     t = time.perf_counter()
     interactions, report = read_interactions(os.path.join(data_dir, "interactions.parquet"), catalogue=items)
     emit("read + validate", time.perf_counter() - t, report.rows_in)
-    try:
-        from raysparse.data.dataset import index_interactions
-        from raysparse.data.split import split_last_item
-    except ImportError as err:
-        emit("split", None, None, f"not available ({err})")
-        return
     t = time.perf_counter()
     log = index_interactions(interactions, items)
     emit("index", time.perf_counter() - t, len(log))
@@ -70,11 +66,8 @@ def _child(data_dir: str) -> None:
 
 
 def run_data_bench(args: argparse.Namespace) -> int:
-    from raysparse.data.synthetic import generate_synthetic
-
     target = int(args.interactions)
     if target < 1000:
-        from raysparse.errors import UserError
         raise UserError(f"--interactions {target} is too small to time; use >= 1000.")
     n_users = max(40, target // 25)          # the generator's mean is 25 interactions per user
     n_items = max(100, min(50_000, target // 200))

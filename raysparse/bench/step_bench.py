@@ -10,6 +10,10 @@ import numpy as np
 import torch
 
 from raysparse.bench.common import DEFAULT_ML, guess_format, load_frames, print_table
+from raysparse.build import prepare_data
+from raysparse.config import config_from_dict
+from raysparse.local import build_recommender
+from raysparse.step import compute_loss, param_groups
 
 
 def register_bench(subparsers) -> None:
@@ -27,9 +31,6 @@ def register_bench(subparsers) -> None:
 
 
 def measure(config, prepared, steps: int, warmup: int = 3) -> dict:
-    from raysparse.local import build_recommender
-    from raysparse.step import compute_loss, param_groups
-
     rec = build_recommender(config, prepared, f"{config.output}/cache")
     model, builder = rec.model.train(), rec.builder
     optimizer = torch.optim.AdamW(param_groups(model, config.train), foreach=True)
@@ -55,9 +56,6 @@ def measure(config, prepared, steps: int, warmup: int = 3) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raysparse.build import prepare_data
-    from raysparse.config import config_from_dict
-
     frames = load_frames(args.data, args.format or guess_format(args.data))
     rows = []
     prepared = None

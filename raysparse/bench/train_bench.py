@@ -27,13 +27,28 @@ import argparse
 import json
 import os
 import queue
+import re
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from raysparse.bench.common import print_table
+from raysparse.build import build_batches, build_model, prepare_data
+from raysparse.config import config_from_dict, load_config
+from raysparse.data.synthetic import FILLER_WORDS, generate_synthetic, topic_vocabulary
+from raysparse.data.text import render_item_texts
+from raysparse.engine import batch_to_device, build_engine, deepspeed_config, engine_dtype
+from raysparse.errors import ConfigError
+from raysparse.local import build_recommender
+from raysparse.loop import train_local
+from raysparse.model.text import build_tiny_encoder
+from raysparse.step import compute_loss
 
 
 def register_bench(subparsers) -> None:
@@ -72,9 +87,6 @@ def register_bench(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------ bench train
 
 def _bench_config(args: argparse.Namespace, output: Path):
-    from raysparse.config import load_config
-    from raysparse.model.text import build_tiny_encoder
-
     sets = [f"output={output}", f"data.synthetic_users={args.users}", f"data.synthetic_items={args.items}",
             f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps}",
             f"train.batch_size_per_worker={args.batch_size}", f"ray.cpus_per_worker={args.threads}",
@@ -89,8 +101,6 @@ def _bench_config(args: argparse.Namespace, output: Path):
 
 
 def _synthetic_words() -> list[str]:
-    from raysparse.data.synthetic import FILLER_WORDS, topic_vocabulary
-
     words = list(FILLER_WORDS)
     for genre, topic_words in topic_vocabulary(64):
         words += [genre] + topic_words
@@ -98,11 +108,6 @@ def _synthetic_words() -> list[str]:
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    import shutil
-
-    from raysparse.bench.common import print_table
-    from raysparse.build import prepare_data
-
     out = Path(args.output).resolve()
     config = _bench_config(args, out)
     prepared = prepare_data(config)
@@ -115,7 +120,7 @@ def run_train_bench(args: argparse.Namespace) -> int:
         if row["path"] not in best or row["steady ex/s"] > best[row["path"]]["steady ex/s"]:
             best[row["path"]] = row
 
-    import ray
+    import ray  # optional heavy import: `bench gpu` (same module) runs without Ray
 
     started_ray = not ray.is_initialized()
     prepared_ref = None
@@ -155,9 +160,6 @@ def run_train_bench(args: argparse.Namespace) -> int:
 
 
 def _plain_run(config, prepared, out: Path, threads: int) -> dict:
-    from raysparse.local import build_recommender
-    from raysparse.loop import train_local
-
     rec = build_recommender(config, prepared, str(out / "cache"))
     t0 = time.perf_counter()
     last = train_local(config, rec.model.train(), rec.builder, log=lambda r: None)[-1]
@@ -167,7 +169,7 @@ def _plain_run(config, prepared, out: Path, threads: int) -> dict:
 
 
 def _start_ray(args: argparse.Namespace, prepared):
-    import ray
+    import ray  # optional heavy import: `bench gpu` (same module) runs without Ray
 
     if not ray.is_initialized():
         if args.address:
@@ -179,8 +181,8 @@ def _start_ray(args: argparse.Namespace, prepared):
 
 
 def _ray_run(config, prepared, prepared_ref, out: Path, workers: int, args: argparse.Namespace) -> dict:
+    # The Ray shells import ray: imported here so that `bench gpu` (same module) runs without Ray.
     from raysparse.ray_data import build_example_dataset
-    from raysparse.engine import deepspeed_config
     from raysparse.ray_train import build_trainer
 
     cfg = config.replace(**{"ray.num_workers": workers, "output": str(out / f"ray{workers}"),
@@ -229,12 +231,8 @@ def _write_encoder(folder: Path, texts: list[str], tiny: bool) -> str:
     """A randomly initialised encoder with a vocabulary covering `texts`: BERT-base shape (12 layers, 768
     wide, 12 heads, FFN 3072) or, with tiny, 2 layers of 32. No download."""
     if tiny:
-        from raysparse.model.text import build_tiny_encoder
-
         return build_tiny_encoder(folder, texts, hidden=32, layers=2)
-    import re
-
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # heavy (seconds); only this path needs it
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
@@ -283,15 +281,6 @@ def _prefetch(make_batch, n: int, threads: int, device: torch.device):
 
 
 def run_gpu_bench(args: argparse.Namespace) -> int:
-    from raysparse.bench.common import print_table
-    from raysparse.build import build_batches, build_model, prepare_data
-    from raysparse.config import config_from_dict
-    from raysparse.data.synthetic import generate_synthetic
-    from raysparse.data.text import render_item_texts
-    from raysparse.errors import ConfigError
-    from raysparse.engine import batch_to_device, build_engine, deepspeed_config, engine_dtype
-    from raysparse.step import compute_loss
-
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         raise ConfigError("bench gpu: no CUDA device here; run it on a GPU machine, or add --tiny to check the "
@@ -322,8 +311,6 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         raw["model"].update(text_dim=16, fusion_dim=16, dmf_user_layers=[32, 16], dmf_item_layers=[32, 16])
         raw["train"]["negatives_per_positive"] = 32
     config = config_from_dict(raw)
-    import pandas as pd
-
     items = pd.read_parquet(data / "items.parquet")
     encoder_dir = _write_encoder(out / ("tiny_bert" if args.tiny else "bert_base"),
                                  render_item_texts(items, config.data.text_template), args.tiny)

@@ -156,6 +156,24 @@ def split_sorted_sequences(items: np.ndarray, weights: np.ndarray, counts: np.nd
                  cohort_k=cohort_k, stats=stats)
 
 
+def split_sequences(sequences: list[np.ndarray], ratings: list[np.ndarray] | None, n_items: int,
+                    cohort_fraction: float, cohort_ks: list[int], seed: int) -> Split:
+    """The protocol on a list of per-user, time-ordered, de-duplicated item sequences (the Ray Data path's
+    users): the same rules (and the same seeded cohort draw) as `split_last_item` on an indexed log.
+    ratings: per-user ratings beside the items (NaN: none), weighted rating / max rating as DMF does; None:
+    weight 1."""
+    n_users = len(sequences)
+    counts = np.array([len(s) for s in sequences], np.int64)
+    items = np.concatenate(sequences) if n_users else np.zeros(0, np.int64)
+    if ratings is not None:
+        flat = np.concatenate(ratings).astype(np.float32)
+        top = float(np.nanmax(flat)) if len(flat) else 1.0
+        weights = np.nan_to_num(flat / (top or 1.0), nan=1.0).astype(np.float32)  # DMF: rating / max rating
+    else:
+        weights = np.ones(len(items), np.float32)
+    return split_sorted_sequences(items, weights, counts, n_items, cohort_fraction, cohort_ks, seed)
+
+
 def _weights(log: IndexedLog, use_ratings: bool) -> np.ndarray:
     if use_ratings and log.rating is not None:
         top = float(np.max(log.rating)) if len(log.rating) else 1.0

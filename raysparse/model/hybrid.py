@@ -6,7 +6,8 @@ column, plus the item's cached text embedding when the variant reads text (Model
 
 With history attention and fusion='residual' the head is SASRec's instead: the user vector is the attention
 output, an item's vector its own input token (id embedding + projected text), and the DMF row is added to the
-user through a zero-initialised projection (ModelConfig.fusion). The ablations 'ids' and 'ids_text' (residual
+user through a zero-initialised projection (ModelConfig.fusion; its hidden width ModelConfig.residual_hidden_dim,
+where concat fusion's vectors have ModelConfig.fusion_dim entries). The ablations 'ids' and 'ids_text' (residual
 only) read no DMF row: the sequence model alone, without or with text.
 
 Batches are dicts of tensors built by raysparse.data.examples (names and shapes documented there).
@@ -31,7 +32,6 @@ class HybridRecommender(nn.Module):
             raise ValueError(f"model.variant={cfg.variant!r} needs a text tower")
         self.cfg = cfg
         self.n_users, self.n_items = n_users, n_items
-        d = cfg.fusion_dim
         self.text = text_tower if cfg.uses_text else None
         self.dmf_user = SparseMLP(n_items, cfg.dmf_user_layers, cfg.dropout) if cfg.uses_dmf else None
         # history_encoder='attention': one sequence part (item ids if DMF is used, item text if text is used)
@@ -46,14 +46,16 @@ class HybridRecommender(nn.Module):
         if self.residual:
             # SASRec's scoring (user = attention output, item = its own input token, tied) with the DMF row added
             # to the user through a projection that starts at zero: training starts from the sequence model.
-            width = cfg.attention_dim
-            self.fusion = (nn.Sequential(nn.Linear(cfg.dmf_user_layers[-1], d), nn.ReLU(), nn.Dropout(cfg.dropout),
-                                         nn.Linear(d, width)) if cfg.uses_dmf else None)
+            hidden = cfg.residual_hidden_dim
+            self.fusion = (nn.Sequential(nn.Linear(cfg.dmf_user_layers[-1], hidden), nn.ReLU(),
+                                         nn.Dropout(cfg.dropout), nn.Linear(hidden, cfg.attention_dim))
+                           if cfg.uses_dmf else None)
             if self.fusion is not None:
                 nn.init.zeros_(self.fusion[-1].weight)
                 nn.init.zeros_(self.fusion[-1].bias)
             self.item_proj = self.item_text_proj = self.item_id_proj = None
         else:
+            d = cfg.fusion_dim
             first_dim = cfg.attention_dim if self.history is not None else cfg.text_dim
             user_in = (first_dim if cfg.uses_text or self.history is not None else 0) + \
                 (cfg.dmf_user_layers[-1] if cfg.uses_dmf else 0)
