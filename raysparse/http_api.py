@@ -102,14 +102,15 @@ class ServedModel:
     item_json: tuple             # (I,) per item_idx: the JSON of its response entry around the score (see `_items_json`)
 
     @classmethod
-    def load(cls, artifact: str | Path, warm_up: bool = True) -> "ServedModel":
+    def load(cls, artifact: str | Path, warm_up: bool = True, cache_users: bool = True) -> "ServedModel":
         artifact = check_artifact(artifact)
         token = artifact_token(artifact)
         rec = Recommender.load(artifact)
         _keep_eval_mode(rec.model)
-        start = time.perf_counter()
-        rec.cache_known_users()  # a warm request is then a matrix product and a top-k; a hot swap loads anew
-        log.info("cached %d user vectors in %.1f s", len(rec.users), time.perf_counter() - start)
+        if cache_users:  # a warm request is then a matrix product and a top-k; a hot swap loads anew
+            start = time.perf_counter()
+            rec.cache_known_users()
+            log.info("cached %d user vectors in %.1f s", len(rec.users), time.perf_counter() - start)
         n = len(rec.items)
         titles, texts = _column(rec.item_table, "title", n), _column(rec.item_table, "text", n)
         served = cls(rec, token, artifact, titles, texts,
@@ -117,8 +118,9 @@ class ServedModel:
                      {raw: i for i, raw in enumerate(rec.users.raw_ids)},
                      _item_json(rec.items.raw_ids, titles, texts))
         if warm_up:  # the first torch call of each shape is slow; pay it before traffic arrives
-            if len(rec.users):
+            if len(rec.users) and cache_users:
                 rec.top_k(user_idx=[0], k=1)
+                rec.top_k(histories=[[0]], k=1)
             if rec.model.text is not None:
                 rec.top_k(texts=["warm up"], k=1)
         return served
@@ -205,12 +207,12 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     """An error with its HTTP status; `detail` says what to send instead."""
 
-    def __init__(self, status: int, detail: str, **extra: Any):
+    def __init__(self, status: int, detail: str, headers: dict | None = None, **extra: Any):
         super().__init__(detail)
-        self.status, self.detail, self.extra = status, detail, extra
+        self.status, self.detail, self.headers, self.extra = status, detail, headers, extra
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status)
+        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status, headers=self.headers)
 
 
 FIELD_HINTS = {
