@@ -253,11 +253,14 @@ def stop_ray(env: dict | None = None) -> None:
             os.environ.pop(key, None)
 
 
-def haproxy_env(output: Path) -> dict:
+def haproxy_env() -> dict:
     """RAY_SERVE_ENABLE_HA_PROXY=1 with HAProxy's files and ports private to this run: their defaults
-    (/tmp/haproxy-serve/..., stats port 8404, metrics port 9101) are shared by everyone on the machine."""
-    base = (output / "haproxy").resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    (/tmp/haproxy-serve/..., stats port 8404, metrics port 9101) are shared by everyone on the machine. A short
+    folder under /tmp: Serve adds a 56-character node id below it, and a unix socket path over 107 bytes stops
+    HAProxy ("'stats socket' : socket path ... too long"; seen with a folder under runs/)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rs-hap-"))
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
@@ -330,9 +333,9 @@ def part_ingress(artifact: str, args: argparse.Namespace, n: int, output: Path) 
         shutil.copytree(artifact, swap_artifact, dirs_exist_ok=True)
     rows = []
     for ingress in args.ingress:
-        env = haproxy_env(output) if ingress == "haproxy" else {}
+        env = haproxy_env() if ingress == "haproxy" else {}
         config = serve_config(args)
-        row: dict = {"ingress": ingress}
+        row: dict = {"ingress": ingress, "load_avg": os.getloadavg()[0]}
         try:
             start_ray(args, env)
             t0 = time.perf_counter()
@@ -345,7 +348,8 @@ def part_ingress(artifact: str, args: argparse.Namespace, n: int, output: Path) 
                        warm_errors=warm["errors"] + warm["rejected_503"])
             row.update(hot_swap(url, artifact, str(swap_artifact), config, args))
         except Exception as err:  # noqa: BLE001 - reported in the table: why this ingress could not be measured
-            row["failed"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            lines = [line for line in str(err).splitlines() if "Error" in line or "ALERT" in line]
+            row["failed"] = f"{type(err).__name__}: {' '.join(' '.join(lines[-3:]).split())[-400:]}"
             print(f"  ingress {ingress}: {row['failed']}", flush=True)
         finally:
             stop_ray(env)
@@ -510,7 +514,7 @@ def report(results: dict, out: Path) -> None:
             print(f"{kind} batches on the replica: {sum(sizes.values())}, mean size {mean:.1f}, max {max(sizes)}")
     if "ingress" in results:
         print("\n4. Ingress: Serve's proxy vs. HAProxy (warm at concurrency 32; hot swap under a mixed loop)")
-        print_table(results["ingress"], ["ingress", "deploy_s", "warm_qps_c32", "warm_p50_ms", "warm_p99_ms",
+        print_table(results["ingress"], ["ingress", "load_avg", "deploy_s", "warm_qps_c32", "warm_p50_ms", "warm_p99_ms",
                                          "warm_errors", "swap_s", "swap_requests", "swap_failed", "failed"])
         for row in results["ingress"]:
             if row.get("swap_first_failure"):
