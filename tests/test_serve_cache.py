@@ -105,3 +105,11 @@ def test_item_json_escapes_like_json():
     assert json.loads(head + "1.5" + tail) == {"item_id": 7, "score": 1.5, "title": 'say "hi"\n', "text": "été"}
     [(head, tail)] = _item_json([torch.tensor(3)], None, None)
     assert json.loads(head + "0.0" + tail) == {"item_id": 3, "score": 0.0, "title": None, "text": None}
+
+
+def test_a_back_pressure_error_carries_retry_after():
+    from raysparse.http_api import ApiError
+
+    response = ApiError(503, "the text encoder is busy; retry in 2 s", headers={"Retry-After": "2"}).response()
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert json.loads(response.body) == {"detail": "the text encoder is busy; retry in 2 s"}

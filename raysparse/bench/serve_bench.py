@@ -63,6 +63,8 @@ def register_bench(subparsers) -> None:
                    help="Mixed part: share of each path.")
     p.add_argument("--ingress", nargs="+", default=["default", "haproxy"], choices=["default", "haproxy"],
                    help="Ingress part: which Serve ingresses to compare.")
+    p.add_argument("--serve-ingress", default="default", choices=["default", "haproxy"],
+                   help="Sweep and mixed parts: Serve's Python proxy, or its HAProxy ingress.")
     defaults = ServeConfig()
     p.add_argument("--num-cpus-per-replica", type=float, default=defaults.num_cpus_per_replica,
                    help="Serve replica CPUs (= torch threads; the plain app gets the same thread count).")
@@ -448,11 +450,14 @@ def run(args: argparse.Namespace) -> int:
             plain = start_plain(artifact, int(plain_url.rsplit(":", 1)[1]), threads)
             wait_healthy(plain_url, plain)
         if "server-time" in args.parts:
+            results["server_time_load_average_start"] = os.getloadavg()
             results["server_time"] = part_server_time(plain_url, artifact, args, n)
+            results["server_time_load_average_end"] = os.getloadavg()
         if needs_serve:
             from raysparse.ray_serve import deploy
 
-            start_ray(args)
+            serve_env = haproxy_env() if args.serve_ingress == "haproxy" else {}
+            start_ray(args, serve_env)
             try:
                 config = serve_config(args)
                 serve_url = deploy(artifact, config)
@@ -463,7 +468,9 @@ def run(args: argparse.Namespace) -> int:
                         plain.terminate()
                         plain.wait(timeout=30)
                         plain = None
+                    results["mixed_load_average_start"] = os.getloadavg()
                     results["mixed"] = part_mixed(serve_url, artifact, args, mixed_s)
+                    results["mixed_load_average_end"] = os.getloadavg()
                     results["mixed_config"] = {k: getattr(config, k) for k in (
                         "max_ongoing_requests", "max_queued_requests", "max_queued_texts", "max_batch_size",
                         "batch_wait_timeout_s", "text_batch_wait_timeout_s", "num_cpus_per_replica")}
@@ -472,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
                 results["batches"] = serve.get_app_handle(config.app_name).model_info.remote().result(
                     timeout_s=60)["batches"]
             finally:
-                stop_ray()
+                stop_ray(serve_env)
     finally:
         if plain is not None:
             plain.terminate()
@@ -485,11 +492,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_ingress(results: dict) -> str:
+    argv = results["argv"]
+    chosen = argv[argv.index("--serve-ingress") + 1] if "--serve-ingress" in argv else "default"
+    return "the HAProxy" if chosen == "haproxy" else "the default (Python proxy)"
+
+
 def report(results: dict, out: Path) -> None:
     la = results["load_average_start"], results["load_average_end"]
     print(f"\nload average (1 min) at start {la[0][0]:.2f}, at end {la[1][0]:.2f}")
     if "server_time" in results:
-        print("\n1. Server time, plain app, concurrency 1 (time inside the app / end to end, ms)")
+        la = results["server_time_load_average_start"][0], results["server_time_load_average_end"][0]
+        print(f"\n1. Server time, plain app, concurrency 1 (time inside the app / end to end, ms; load average "
+              f"{la[0]:.1f} -> {la[1]:.1f})")
         print_table(results["server_time"], ["path", "requests", "errors", "server_p50_ms", "server_p99_ms", "p50_ms",
                                              "p99_ms", "goal_ms", "met"])
     if "sweep" in results:
@@ -500,8 +515,9 @@ def report(results: dict, out: Path) -> None:
         if chart:
             print(f"chart: {chart}")
     if "mixed" in results:
-        print(f"\n3. Mixed load through Ray Serve ({results['mixed_config']}); goal p99 <= {TAIL_GOAL:g} x p50, "
-              f"0 errors")
+        la = results["mixed_load_average_start"][0], results["mixed_load_average_end"][0]
+        print(f"\n3. Mixed load through Ray Serve, {args_ingress(results)} ingress ({results['mixed_config']}; load "
+              f"average {la[0]:.1f} -> {la[1]:.1f}); goal p99 <= {TAIL_GOAL:g} x p50, 0 errors")
         print_table(results["mixed"], ["path", "requests", "errors", "rejected_503", "p50_ms", "p99_ms", "p99/p50",
                                        "server_p50_ms", "server_p99_ms", "qps", "met"])
         for row in results["mixed"]:
