@@ -1,6 +1,8 @@
 """`raysparse bench serve`: where a request's time goes, and how the tail behaves under load.
 
-Four parts, each a table (all traffic to 127.0.0.1):
+Parts, each a table (all traffic to 127.0.0.1):
+  0. profile       (opt-in) the plain app called in this process through ASGI, no sockets: p50 per path and a
+                   cProfile of each path, to see what is not the model.
   1. server time   the plain app (`http_api.build_plain_app`, no Ray) at concurrency 1, per path (warm = a known
                    user, fold_in = a new user given items, text = a free text): p50/p99 of the time inside the
                    app (its Server-Timing header) beside the client's end-to-end time. Goals: warm p50 <= 0.5 ms,
@@ -37,7 +39,7 @@ from raysparse.serve_config import ServeConfig
 KINDS = ("warm", "fold_in", "text")
 SERVER_TIME_GOALS_MS = {"warm": 0.5, "fold_in": 1.0, "text": 8.0}   # p50 server time, plain app, concurrency 1
 TAIL_GOAL = 4.0                                                     # mixed load: p99 <= TAIL_GOAL x p50, per path
-PARTS = ("server-time", "sweep", "mixed", "ingress")
+PARTS = ("profile", "server-time", "sweep", "mixed", "ingress")
 
 
 def register_bench(subparsers) -> None:
@@ -393,6 +395,68 @@ def hot_swap(url: str, artifact: str, swap_artifact: str, config: ServeConfig, a
             "swap_first_failure": failed[0]["error"] if failed else ""}
 
 
+def part_profile(artifact: str, args: argparse.Namespace, n: int, out: Path) -> list[dict]:
+    """Part 0: the plain app in this process, called through ASGI with no socket and no other thread (text's
+    encoder thread aside), per path: p50 of the whole app call, then a cProfile of the same calls written to
+    <output>/profile_<path>.txt (sorted by own time). What is left there that is not the model is what to cut."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from raysparse.http_api import ServedModel, build_fastapi_app
+
+    torch.set_num_threads(ServeConfig(num_cpus_per_replica=args.num_cpus_per_replica).torch_threads)
+    served = ServedModel.load(artifact)
+    app = build_fastapi_app(lambda: served)
+
+    async def call(body: dict) -> None:
+        raw = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/recommend", "raw_path": b"/recommend", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                              (b"content-length", str(len(raw)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        messages = [{"type": "http.request", "body": raw, "more_body": False}]
+        status = []
+
+        async def receive() -> dict:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        assert status == [200], f"{body} -> {status}"
+
+    async def calls(bodies: list[dict]) -> list[float]:
+        times = []
+        for body in bodies:
+            t0 = time.perf_counter()
+            await call(body)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    rows = []
+    for kind in args.kinds:
+        bodies = request_bodies(artifact, kind, n if kind != "text" else max(50, n // 2), args.k, seed=7)
+        asyncio.run(calls(bodies[:20]))
+        ms = np.array(asyncio.run(calls(bodies)))
+        profile = cProfile.Profile()
+        profile.enable()
+        asyncio.run(calls(bodies))
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        (out / f"profile_{kind}.txt").write_text(text.getvalue())
+        rows.append({"path": kind, "requests": len(bodies), "app_p50_ms": float(np.percentile(ms, 50)),
+                     "app_p99_ms": float(np.percentile(ms, 99)), "profile": str(out / f"profile_{kind}.txt")})
+        print(f"  in-process app call {kind}: p50 {rows[-1]['app_p50_ms']:.3f} ms", flush=True)
+    return rows
+
+
 # ---- the chart ------------------------------------------------------------------------------------------------
 
 
@@ -445,6 +509,10 @@ def run(args: argparse.Namespace) -> int:
     needs_serve = "sweep" in args.parts or "mixed" in args.parts
     plain = None
     plain_url = f"http://127.0.0.1:{free_port()}"
+    if "profile" in args.parts:
+        results["profile_load_average_start"] = os.getloadavg()
+        results["profile"] = part_profile(artifact, args, n, out)
+        results["profile_load_average_end"] = os.getloadavg()
     try:
         if needs_plain:
             plain = start_plain(artifact, int(plain_url.rsplit(":", 1)[1]), threads)
@@ -501,6 +569,11 @@ def args_ingress(results: dict) -> str:
 def report(results: dict, out: Path) -> None:
     la = results["load_average_start"], results["load_average_end"]
     print(f"\nload average (1 min) at start {la[0][0]:.2f}, at end {la[1][0]:.2f}")
+    if "profile" in results:
+        la = results["profile_load_average_start"][0], results["profile_load_average_end"][0]
+        print(f"\n0. The plain app called in-process through ASGI, no sockets (ms; load average {la[0]:.1f} -> "
+              f"{la[1]:.1f}); cProfile of each path in the file named")
+        print_table(results["profile"], ["path", "requests", "app_p50_ms", "app_p99_ms", "profile"])
     if "server_time" in results:
         la = results["server_time_load_average_start"][0], results["server_time_load_average_end"][0]
         print(f"\n1. Server time, plain app, concurrency 1 (time inside the app / end to end, ms; load average "
