@@ -192,7 +192,8 @@ def summarize_records(records: list[dict]) -> dict:
             "server_p50_ms": float(np.percentile(server, 50)) if len(server) else None,
             "server_p99_ms": float(np.percentile(server, 99)) if len(server) else None,
             "qps": len(ok) / wall, "first_error": next((r["error"] for r in errors), ""),
-            "retry_after": next((r["retry_after"] for r in rejected), None)}
+            "retry_after": next((r["retry_after"] for r in rejected), None),
+            "first_503": next((r["error"] for r in rejected), "")}
 
 
 # ---- the servers --------------------------------------------------------------------------------------------
@@ -596,6 +597,8 @@ def report(results: dict, out: Path) -> None:
         for row in results["mixed"]:
             if row["first_error"]:
                 print(f"first error ({row['path']}): {row['first_error']}")
+            if row["rejected_503"] and row["path"] != "all":
+                print(f"first 503 ({row['path']}, Retry-After: {row['retry_after']}): {row['first_503']}")
     if "batches" in results:
         for kind, counts in results["batches"].items():
             sizes = {int(k): v for k, v in counts.items()}
