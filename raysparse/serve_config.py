@@ -43,6 +43,12 @@ class ServeConfig:
     text_batch_wait_timeout_s: float = option(0.005, "text requests: the same wait. An encoder pass costs ~10 ms a "
                                                     "text alone but a fraction of that in a batch, so waiting pays "
                                                     "under load.")
+    max_queued_requests: int = option(100, "Requests Serve's proxy holds for a busy deployment before answering "
+                                           "503 with Retry-After (back-pressure instead of queueing for seconds); "
+                                           "-1: no limit.")
+    max_queued_texts: int = option(32, "Text requests one replica holds (queued for or inside an encoder batch) "
+                                       "before answering 503 with Retry-After; 0: no limit.")
+    retry_after_s: int = option(1, "Seconds a 503 (back-pressure) tells the client to wait (Retry-After).")
     access_log: bool = option(True, "Log one line per request (proxy and replicas); off for load tests.")
 
     def __post_init__(self) -> None:
@@ -76,6 +82,14 @@ class ServeConfig:
                      "text_batch_wait_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"serve.{name}={getattr(self, name)} must be >= 0 (flag --{_flag(name)}).")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError(f"serve.max_queued_requests={self.max_queued_requests} must be >= 1, or -1 for no "
+                              f"limit (flag --max-queued-requests).")
+        if self.max_queued_texts < 0:
+            raise ConfigError(f"serve.max_queued_texts={self.max_queued_texts} must be >= 0 (0: no limit; flag "
+                              f"--max-queued-texts).")
+        if self.retry_after_s < 1:
+            raise ConfigError(f"serve.retry_after_s={self.retry_after_s} must be >= 1 (flag --retry-after-s).")
         if self.max_batch_size < 1:
             raise ConfigError(f"serve.max_batch_size={self.max_batch_size} must be >= 1 (1 turns batching off).")
         if self.max_ongoing_requests < self.max_batch_size:

@@ -36,16 +36,21 @@ def prior_weights(lengths: Sequence[int], weight: float, items: float) -> torch.
     return w[:, None]
 
 
-def text_scores(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], max_items: int) -> torch.Tensor:
-    """(B, I) standardised cosine between each input's mean item text (its newest `max_items`) and every item.
+def user_text_vectors(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], max_items: int) -> torch.Tensor:
+    """(B, H) each input's mean item text (its newest `max_items`) at unit length; a zero row for an empty input.
     histories: newest first. unit_item_text: (I, H) L2-normalised item text embeddings."""
     rows = []
     for h in histories:
         h = np.array(h[:max_items], dtype=np.int64)      # a copy: inputs arrive as reversed views
         rows.append(unit_item_text[torch.as_tensor(h)].mean(0) if len(h) else
                     torch.zeros(unit_item_text.shape[1], dtype=unit_item_text.dtype))
-    user_text = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
-    return zscore_rows(user_text @ unit_item_text.T)
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def text_scores(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], max_items: int) -> torch.Tensor:
+    """(B, I) standardised cosine between each input's mean item text (its newest `max_items`) and every item.
+    histories: newest first. unit_item_text: (I, H) L2-normalised item text embeddings."""
+    return zscore_rows(user_text_vectors(unit_item_text, histories, max_items) @ unit_item_text.T)
 
 
 def blend(model_scores: torch.Tensor, prior: torch.Tensor, lengths: Sequence[int], weight: float,

@@ -215,7 +215,8 @@ def test_serve_reads_a_yaml_serve_section_and_set_like_train(tmp_path):
 
 @pytest.mark.parametrize("sets, text, message", [
     (["serve.max_k=5"], None, r"Unknown config key 'serve.max_k'. Did you mean max_replicas, max_ongoing_requests, "
-                              r"max_batch_size\? Known keys of 'serve': host, port, "),
+                              r"max_batch_size, max_queued_requests, max_queued_texts\? Known keys of 'serve': host, "
+                              r"port, "),
     (["model.fusion_dim=64"], None, r"--set 'model.fusion_dim=64' must look like serve.KEY=VALUE, e.g. "
                                     r"serve.port=8001"),
     (["serve.port"], None, r"must look like serve.KEY=VALUE"),

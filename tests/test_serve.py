@@ -78,6 +78,9 @@ def assert_same(items: list[dict], expected) -> None:
     ({"max_batch_size": 0}, r"max_batch_size=0 must be >= 1"),
     ({"max_batch_size": 128}, r"raise --max-ongoing-requests to at least 128"),
     ({"access_log": 1}, r"serve.access_log=1 has the wrong type: expected bool"),
+    ({"max_queued_requests": 0}, r"serve.max_queued_requests=0 must be >= 1, or -1 for no limit"),
+    ({"max_queued_texts": -1}, r"serve.max_queued_texts=-1 must be >= 0 \(0: no limit"),
+    ({"retry_after_s": 0}, r"serve.retry_after_s=0 must be >= 1 \(flag --retry-after-s\)"),
 ])
 def test_serve_config_errors_name_the_key_and_the_fix(kwargs, message):
     with pytest.raises(ConfigError, match=message):
