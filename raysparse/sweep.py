@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
+from raysparse.artifact import replace_directory
 from raysparse.build import Prepared, build_batches, build_model
 from raysparse.config import (SECTIONS, Config, config_from_dict, describe_section, option, parse_sets,
                               read_config_file, section_from_dict)
@@ -598,8 +599,7 @@ def export_best(records: list[TrialRecord], tc: TuneConfig, config: Config, prep
     fs, inner = _fs(checkpoint)
     pafs.copy_files(f"{inner}/artifact", str(tmp), source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem())
-    shutil.rmtree(best, ignore_errors=True)
-    tmp.rename(best)
+    replace_directory(tmp, best)  # a sweep killed while exporting leaves the previous best whole (issue 16)
 
     # Test metrics of the exported weights, in one process on the prepared split (as `raysparse train`).
     rec = Recommender.load(best)
