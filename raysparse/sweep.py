@@ -60,6 +60,7 @@ from raysparse.data.split import Split
 from raysparse.errors import ConfigError
 from raysparse.local import validation_metrics
 from raysparse.metrics import flatten, summarize
+from raysparse.preflight import SNAPSHOT
 from raysparse.recommender import Recommender
 
 DEFAULT_METRIC = "val/overall/ndcg@10"
@@ -481,30 +482,31 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def read_train_run(run_dir: str) -> tuple[list[dict], dict[int, str]]:
-    """(history, {epoch: checkpoint folder}) of a Ray Train run folder written by ray_train: the history is
-    the latest checkpoint's train_state.json; only checkpoints holding artifact/ count."""
+    """(history, {epoch: checkpoint folder}) of a Ray Train run folder written by ray_train, as Ray Train
+    recorded it: the checkpoints its snapshot (`preflight.SNAPSHOT`) lists that hold artifact/, and the history
+    of the latest one's train_state.json. Ray registers a checkpoint only after every worker has copied its
+    part into the folder, so a folder that a run killed while copying left partial (issue 16) is never read;
+    listing the epoch_* folders, as before, took one with train_state.json and artifact/format.json copied but
+    its weights not yet, and exported it as the best."""
     fs, inner = _fs(run_dir)
-    info = fs.get_file_info(inner)
-    if info.type != pafs.FileType.Directory:
-        return [], {}
+    try:
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{SNAPSHOT}") as stream:
+            snapshot = json.loads(stream.read())
+    except (OSError, ValueError):
+        return [], {}                 # no checkpoint recorded yet
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    names = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results") or []} | ({latest} - {None})
+    prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
     checkpoints: dict[int, str] = {}
     history: list[dict] = []
-    latest = -1
-    for entry in fs.get_file_info(pafs.FileSelector(inner)):
-        name = entry.base_name
-        if entry.type != pafs.FileType.Directory or not name.startswith("epoch_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{entry.path}/train_state.json") as stream:
-                state = json.loads(stream.read())
-        except (OSError, ValueError):
-            continue                  # a checkpoint that was being written when the run stopped
-        epoch = int(state["epoch"])
-        if fs.get_file_info(f"{entry.path}/artifact/format.json").type == pafs.FileType.File:
-            prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
-            checkpoints[epoch] = prefix + entry.path
-        if epoch > latest:
-            latest, history = epoch, state["history"]
+    for name in sorted(names):
+        path = f"{inner.rstrip('/')}/{name}"
+        with fs.open_input_stream(f"{path}/train_state.json") as stream:
+            state = json.loads(stream.read())
+        if fs.get_file_info(f"{path}/artifact/format.json").type == pafs.FileType.File:
+            checkpoints[int(state["epoch"])] = prefix + path
+        if name == latest:
+            history = state["history"]
     return history, checkpoints
 
 

@@ -181,6 +181,26 @@ def test_trial_concurrency_fits_the_cluster(tmp_path):
     assert "model.fusion_dim" in tunable_keys() and "train.epochs" not in tunable_keys()
 
 
+def test_a_trials_run_is_read_from_ray_trains_record_not_from_its_folders(tmp_path):
+    """Issue 16: a run killed while copying epoch 2's checkpoint leaves epoch_0002/ with some files (here its
+    train_state.json and artifact/format.json, not its weights) that Ray Train never recorded. The trial
+    table and the best export read only the checkpoints Ray's snapshot lists: epoch 1, whose history is the
+    trial's."""
+    from raysparse.preflight import SNAPSHOT
+
+    run = tmp_path / "ray" / "train"
+    history = [{"epoch": 1, DEFAULT_METRIC: 0.1}, {"epoch": 2, DEFAULT_METRIC: 0.9}]
+    for epoch in (1, 2):
+        folder = run / f"epoch_{epoch:04d}"
+        (folder / "artifact").mkdir(parents=True)
+        (folder / "artifact" / "format.json").write_text("{}")
+        (folder / "train_state.json").write_text(json.dumps({"epoch": epoch, "history": history[:epoch]}))
+    assert read_train_run(str(run)) == ([], {})                   # nothing recorded yet: no snapshot
+    recorded = {"checkpoint_dir_name": "epoch_0001", "metrics": history[0]}
+    (run / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [recorded], "latest_checkpoint_result": recorded}))
+    assert read_train_run(str(run)) == (history[:1], {1: str(run / "epoch_0001")})
+
+
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
