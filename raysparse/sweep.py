@@ -485,9 +485,9 @@ def read_train_run(run_dir: str) -> tuple[list[dict], dict[int, str]]:
     """(history, {epoch: checkpoint folder}) of a Ray Train run folder written by ray_train, as Ray Train
     recorded it: the checkpoints its snapshot (`preflight.SNAPSHOT`) lists that hold artifact/, and the history
     of the latest one's train_state.json. Ray registers a checkpoint only after every worker has copied its
-    part into the folder, so a folder that a run killed while copying left partial (issue 16) is never read;
-    listing the epoch_* folders, as before, took one with train_state.json and artifact/format.json copied but
-    its weights not yet, and exported it as the best."""
+    part into the folder, so a folder that a run killed while copying left partial (issue 16) is never read.
+    (Before, this listed the epoch_* folders: one with train_state.json and artifact/format.json copied and
+    its weights not yet counted as a checkpoint and could be exported as the best.)"""
     fs, inner = _fs(run_dir)
     try:
         with fs.open_input_stream(f"{inner.rstrip('/')}/{SNAPSHOT}") as stream:
