@@ -79,10 +79,22 @@ def save_artifact(rec, path: str | Path, metrics: dict | None = None) -> Path:
         rec.tokenizer.save_pretrained(tmp / "tokenizer")
     if metrics is not None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    replace_directory(tmp, path)
     return path
+
+
+def replace_directory(new: str | Path, dest: str | Path) -> None:
+    """Move the complete folder `new` to `dest`, replacing the folder there, so that a process killed at any
+    moment leaves a complete folder to load: `dest` (old or new) or, in the instant between two renames, the
+    old one at `<dest>.old` beside the new one at `new`. Deleting `dest` first and then renaming (as before
+    issue 16) left a half-deleted `dest` to a kill during the delete. Same file system (renames)."""
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an export killed after its first rename
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_artifact(path: str | Path) -> dict:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
-from raysparse.artifact import write_config
+from raysparse.artifact import replace_directory, write_config
 from raysparse.build import Prepared, build_batches
 from raysparse.config import Config, config_from_dict
 from raysparse.engine import DeepSpeedTraining, first_run_compilation_note, resolved_precision
@@ -243,24 +243,25 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
                                   key=lambda cm: cm[1].get(SELECT_METRIC, float("-inf")))
     with result.checkpoint.as_directory() as folder:
         history = json.loads((Path(folder) / "train_state.json").read_text())["history"]
-    artifact = out / "artifact"
+    # The export is completed in artifact.tmp and only then put in place (`replace_directory`): a driver killed
+    # while exporting leaves the previous <output>/artifact whole, never one half copied or without its
+    # config or metrics (issue 16).
+    artifact, tmp = out / "artifact", out / "artifact.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     with best_ckpt.as_directory() as folder:
-        tmp = out / "artifact.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(folder) / "artifact", tmp)
-    shutil.rmtree(artifact, ignore_errors=True)
-    tmp.rename(artifact)
 
     # The artifact, evaluated in one process on the prepared split (the artifact itself has no held-out items).
-    rec = Recommender.load(artifact)
+    rec = Recommender.load(tmp)
     rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
     if config.train.choose_text_prior and apply_text_prior_choice(rec, prepared, log):
-        write_config(artifact, rec.config)                 # chosen on validation, kept in the artifact's config
+        write_config(tmp, rec.config)                      # chosen on validation, kept in the artifact's config
     val = validation_metrics(rec, prepared, "val", sampled=True)
     test = validation_metrics(rec, prepared, "test", sampled=True)
     best_epoch = int(best_metrics["epoch"])
-    (artifact / "metrics.json").write_text(json.dumps({"val": val, "test": test, "best_epoch": best_epoch},
-                                                      indent=2, default=float))
+    (tmp / "metrics.json").write_text(json.dumps({"val": val, "test": test, "best_epoch": best_epoch},
+                                                 indent=2, default=float))
+    replace_directory(tmp, artifact)
     restored = sorted({r["restored_from_epoch"] for r in history if "restored_from_epoch" in r})
     summary = {"history": history, "best_epoch": best_epoch, "val": val, "test": test,
                "seconds": time.perf_counter() - t0, "data": prepared.split.stats, "validation": prepared.report,

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
+from raysparse.artifact import replace_directory
 from raysparse.build import Prepared, build_batches, build_model
 from raysparse.config import (SECTIONS, Config, config_from_dict, describe_section, option, parse_sets,
                               read_config_file, section_from_dict)
@@ -59,6 +60,7 @@ from raysparse.data.split import Split
 from raysparse.errors import ConfigError
 from raysparse.local import validation_metrics
 from raysparse.metrics import flatten, summarize
+from raysparse.preflight import SNAPSHOT
 from raysparse.recommender import Recommender
 
 DEFAULT_METRIC = "val/overall/ndcg@10"
@@ -484,30 +486,31 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def read_train_run(run_dir: str) -> tuple[list[dict], dict[int, str]]:
-    """(history, {epoch: checkpoint folder}) of a Ray Train run folder written by ray_train: the history is
-    the latest checkpoint's train_state.json; only checkpoints holding artifact/ count."""
+    """(history, {epoch: checkpoint folder}) of a Ray Train run folder written by ray_train, as Ray Train
+    recorded it: the checkpoints its snapshot (`preflight.SNAPSHOT`) lists that hold artifact/, and the history
+    of the latest one's train_state.json. Ray registers a checkpoint only after every worker has copied its
+    part into the folder, so a folder that a run killed while copying left partial (issue 16) is never read.
+    (Before, this listed the epoch_* folders: one with train_state.json and artifact/format.json copied and
+    its weights not yet counted as a checkpoint and could be exported as the best.)"""
     fs, inner = _fs(run_dir)
-    info = fs.get_file_info(inner)
-    if info.type != pafs.FileType.Directory:
-        return [], {}
+    try:
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{SNAPSHOT}") as stream:
+            snapshot = json.loads(stream.read())
+    except (OSError, ValueError):
+        return [], {}                 # no checkpoint recorded yet
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    names = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results") or []} | ({latest} - {None})
+    prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
     checkpoints: dict[int, str] = {}
     history: list[dict] = []
-    latest = -1
-    for entry in fs.get_file_info(pafs.FileSelector(inner)):
-        name = entry.base_name
-        if entry.type != pafs.FileType.Directory or not name.startswith("epoch_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{entry.path}/train_state.json") as stream:
-                state = json.loads(stream.read())
-        except (OSError, ValueError):
-            continue                  # a checkpoint that was being written when the run stopped
-        epoch = int(state["epoch"])
-        if fs.get_file_info(f"{entry.path}/artifact/format.json").type == pafs.FileType.File:
-            prefix = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
-            checkpoints[epoch] = prefix + entry.path
-        if epoch > latest:
-            latest, history = epoch, state["history"]
+    for name in sorted(names):
+        path = f"{inner.rstrip('/')}/{name}"
+        with fs.open_input_stream(f"{path}/train_state.json") as stream:
+            state = json.loads(stream.read())
+        if fs.get_file_info(f"{path}/artifact/format.json").type == pafs.FileType.File:
+            checkpoints[int(state["epoch"])] = prefix + path
+        if name == latest:
+            history = state["history"]
     return history, checkpoints
 
 
@@ -602,8 +605,7 @@ def export_best(records: list[TrialRecord], tc: TuneConfig, config: Config, prep
     fs, inner = _fs(checkpoint)
     pafs.copy_files(f"{inner}/artifact", str(tmp), source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem())
-    shutil.rmtree(best, ignore_errors=True)
-    tmp.rename(best)
+    replace_directory(tmp, best)  # a sweep killed while exporting leaves the previous best whole (issue 16)
 
     # Test metrics of the exported weights, in one process on the prepared split (as `raysparse train`).
     rec = Recommender.load(best)

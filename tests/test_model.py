@@ -203,6 +203,30 @@ def test_artifact_round_trip_scores_equal_and_no_pickles(trained):
     assert json.loads((path / "format.json").read_text())["version"] == 1
 
 
+def test_replace_directory_keeps_a_whole_folder_at_every_step(tmp_path):
+    """The exports (`save_artifact`, `raysparse train`'s <output>/artifact, a sweep's <output>/best) put a
+    finished folder in place with `replace_directory`: the old one is renamed aside and deleted only after the
+    new one is in place (issue 16: a kill during the old rmtree-then-rename left a half-deleted artifact)."""
+    from raysparse.artifact import replace_directory
+
+    def folder(name: str, text: str) -> Path:
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"f{i}").write_text(text)
+        return tmp_path / name
+
+    dest = folder("artifact", "v1")
+    replace_directory(folder("artifact.tmp", "v2"), dest)
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {"f0": "v2", "f1": "v2", "f2": "v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    # What an export killed between its two renames leaves: the old folder aside, the new one at .tmp.
+    dest.rename(tmp_path / "artifact.old")
+    replace_directory(folder("artifact.tmp", "v3"), dest)      # the next export cleans it up
+    assert (dest / "f0").read_text() == "v3" and sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    replace_directory(folder("new", "v4"), tmp_path / "fresh")  # nothing there before
+    assert (tmp_path / "fresh" / "f2").read_text() == "v4"
+
+
 def test_recommend_three_paths_exclude_seen_and_raw_ids(trained):
     rec, _ = trained
     known = rec.recommend(user_ids=["u001"], k=5)[0]

@@ -2,8 +2,10 @@
 
 Fast tests (no Ray instance): the `tune:` section and its --set overrides (every key), the default space,
 every bad search space as one ConfigError before anything starts, the Tune domains (list options, inclusive
-randint), trial concurrency. `@pytest.mark.ray`: a 2-trial sweep on the planted data (1 worker per trial, frozen
-tiny BERT): trial table, exported best artifact and its summary; slow: the same sweep with Optuna + ASHA, its
+randint), trial concurrency, and that a trial's run is read from Ray Train's record of its checkpoints.
+`@pytest.mark.ray`: a 2-trial sweep on the planted data (1 worker per trial, frozen tiny BERT): trial table,
+exported best artifact and its summary; the same sweep with one trial's worker SIGKILLed by its pid, ending
+with exactly the uninterrupted sweep's per-trial metrics (issue 16); slow: the sweep with Optuna + ASHA, its
 driver SIGKILLed once a trial's epoch-1 checkpoint is registered, then --resume.
 """
 
@@ -184,6 +186,26 @@ def test_trial_concurrency_fits_the_cluster(tmp_path):
     assert "model.fusion_dim" in tunable_keys() and "train.epochs" not in tunable_keys()
 
 
+def test_a_trials_run_is_read_from_ray_trains_record_not_from_its_folders(tmp_path):
+    """Issue 16: a run killed while copying epoch 2's checkpoint leaves epoch_0002/ with some files (here its
+    train_state.json and artifact/format.json, not its weights) that Ray Train never recorded. The trial
+    table and the best export read only the checkpoints Ray's snapshot lists: epoch 1, whose history is the
+    trial's."""
+    from raysparse.preflight import SNAPSHOT
+
+    run = tmp_path / "ray" / "train"
+    history = [{"epoch": 1, DEFAULT_METRIC: 0.1}, {"epoch": 2, DEFAULT_METRIC: 0.9}]
+    for epoch in (1, 2):
+        folder = run / f"epoch_{epoch:04d}"
+        (folder / "artifact").mkdir(parents=True)
+        (folder / "artifact" / "format.json").write_text("{}")
+        (folder / "train_state.json").write_text(json.dumps({"epoch": epoch, "history": history[:epoch]}))
+    assert read_train_run(str(run)) == ([], {})                   # nothing recorded yet: no snapshot
+    recorded = {"checkpoint_dir_name": "epoch_0001", "metrics": history[0]}
+    (run / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [recorded], "latest_checkpoint_result": recorded}))
+    assert read_train_run(str(run)) == (history[:1], {1: str(run / "epoch_0001")})
+
+
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
@@ -225,14 +247,40 @@ def interrupt_sweep(ray_instance, out: Path, sets: list[str], log: Path) -> dict
     return registered_epochs(out)
 
 
-@pytest.mark.ray
-def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_encoder, dataset_dir):
-    """The sweep end to end without interruption (the default suite); the resume path is the slow test below."""
-    out = tmp_path / "sweep"
-    sets = [f"data.path={dataset_dir}", f"model.text_model={tiny_encoder}", f"data.cache_dir={tmp_path / 'cache'}",
+def _sweep_sets(dataset_dir: Path, encoder: str, cache: Path) -> list[str]:
+    """The default suite's sweep: 2 trials (1 worker each, run at once on 2 CPUs), 3 capped epochs."""
+    return [f"data.path={dataset_dir}", f"model.text_model={encoder}", f"data.cache_dir={cache}", "train.epochs=3",
             "train.max_steps_per_epoch=3", "tune.num_samples=2", "tune.scheduler=none"]
-    config, tc = load_tune_config(TUNE_TINY, [f"output={out}", *sets])
-    run_tune(config, tc)
+
+
+@pytest.fixture(scope="module")
+def clean_sweep(ray_instance, tmp_path_factory, tiny_encoder, dataset_dir) -> tuple[Path, list[str], dict]:
+    """(output, sets, run_tune's result) of the sweep that nothing interrupts, run once for the module."""
+    folder = tmp_path_factory.mktemp("clean_sweep")
+    sets = _sweep_sets(dataset_dir, tiny_encoder, folder / "cache")
+    config, tc = load_tune_config(TUNE_TINY, [f"output={folder / 'sweep'}", *sets])
+    t0 = time.monotonic()
+    result = run_tune(config, tc)
+    return folder / "sweep", sets, {**result, "seconds": time.monotonic() - t0}
+
+
+def _epoch_results_by_point(out: Path) -> dict[str, list[dict]]:
+    """Each trial's training losses and validation metrics per epoch, keyed by its point (trial ids differ
+    between sweeps; the seeded search draws the same points)."""
+    trials = pd.read_csv(out / TRIALS_CSV)
+    results = {}
+    for _, row in trials.iterrows():
+        history, _ = read_train_run(str(out / "trials" / row.trial_id / "ray" / "train"))
+        point = json.dumps({k: str(row[k]) for k in trials.columns if k.startswith(("model.", "train."))},
+                           sort_keys=True)
+        results[point] = [{k: v for k, v in r.items() if k == "loss" or k.startswith("val/")} for r in history]
+    return results
+
+
+@pytest.mark.ray
+def test_two_trial_sweep_exports_the_best_trial(clean_sweep):
+    """The sweep end to end without interruption (the default suite); the resume path is the slow test below."""
+    out, _, _ = clean_sweep
     trials = pd.read_csv(out / TRIALS_CSV)
     assert len(trials) == 2 and set(trials.status) == {"completed"}
     best = Recommender.load(out / "best")
@@ -243,6 +291,72 @@ def test_two_trial_sweep_exports_the_best_trial(ray_instance, tmp_path, tiny_enc
     assert summary["trial_id"] == top.trial_id
     assert summary["value"] == summary["metrics"][DEFAULT_METRIC] == max(trials[f"best_{DEFAULT_METRIC}"])
     assert best.config.model.fusion_dim == summary["params"]["model.fusion_dim"] == top["model.fusion_dim"]
+
+
+def _kill_a_trials_worker(out: Path, epochs: int, killed: dict, done) -> None:
+    """From outside the sweep: once any trial's Ray Train run has recorded a checkpoint and its rank 0 has not
+    logged the last epoch, SIGKILL that trial's worker by the pid it logged in <trial>/logs/workers.jsonl."""
+    import signal
+
+    while not done.is_set():
+        for trial_id, recorded in registered_epochs(out).items():
+            logs = out / "trials" / trial_id / "logs"
+            try:
+                logged = len((logs / "metrics.jsonl").read_text().splitlines())
+                pid = json.loads((logs / "workers.jsonl").read_text().splitlines()[0])["workers"][0]["pid"]
+            except (OSError, ValueError, IndexError, KeyError):
+                continue
+            if recorded >= 1 and logged < epochs:
+                os.kill(pid, signal.SIGKILL)
+                killed.update(trial_id=trial_id, pid=pid, after_epoch=recorded, at=time.monotonic())
+                return
+        time.sleep(0.05)
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_trial_loses_its_worker_finishes_with_the_uninterrupted_results(
+        clean_sweep, ray_instance, tmp_path):
+    """Issue 16, Tune under faults: the same sweep as `clean_sweep`; the test SIGKILLs one trial's worker by
+    its pid once that trial's Ray Train run has recorded epoch 1. The trial's Train run (ray.max_failures=1 in
+    configs/tune_tiny.yaml) starts a new worker that restores the recorded checkpoint, so Tune never sees the
+    trial fail: both trials complete, the killed one restored once, and every trial's losses and validation
+    metrics equal those of the same point in the uninterrupted sweep exactly (one worker per trial, seeded
+    data order and draws: see tests/test_ray_train.py). <output>/best loads and is the same trial's point."""
+    import threading
+
+    clean_out, sets, clean = clean_sweep
+    out = tmp_path / "sweep"
+    config, tc = load_tune_config(TUNE_TINY, [f"output={out}", *sets])
+    epochs = config.train.epochs
+    killed: dict = {}
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_a_trials_worker, args=(out, epochs, killed, done), daemon=True)
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        result = run_tune(config, tc)
+    finally:
+        done.set()
+        killer.join()
+    end = time.monotonic()
+    assert killed, "no trial's worker was killed: the trials ended before one recorded a checkpoint"
+    trials = pd.read_csv(out / TRIALS_CSV)
+    assert len(trials) == 2 and set(trials.status) == {"completed"}
+    history, _ = read_train_run(str(out / "trials" / killed["trial_id"] / "ray" / "train"))
+    k = killed["after_epoch"]
+    assert [r.get("restored_from_epoch") for r in history] == [None] * k + [k] * (epochs - k)
+    groups = [json.loads(line) for line in
+              (out / "trials" / killed["trial_id"] / "logs" / "workers.jsonl").read_text().splitlines()]
+    assert [g["first_epoch"] for g in groups] == [1, k + 1] and killed["pid"] == groups[0]["workers"][0]["pid"]
+    faulted, uninterrupted = _epoch_results_by_point(out), _epoch_results_by_point(clean_out)
+    diff = max(abs(a[key] - b[key]) for p in faulted for a, b in zip(faulted[p], uninterrupted[p]) for key in a)
+    print(f"RELIABILITY tune-worker-kill after_epoch={k} kill_to_end_s={end - killed['at']:.1f} "
+          f"sweep_s={end - t0:.1f} uninterrupted_sweep_s={clean['seconds']:.1f} max_diff={diff!r}")
+    assert faulted == uninterrupted
+    best = json.loads((out / "best" / "summary.json").read_text())
+    assert best["params"] == clean["best"]["params"] and best["value"] == clean["best"]["value"]
+    assert len(Recommender.load(out / "best").recommend(user_ids=["u000"], k=5)[0]) == 5
+    assert result["best"]["trial_id"] == best["trial_id"]
 
 
 # Slow (two sweeps' worth of trials: the interrupted one and its resume): it runs in `make test-all`.
