@@ -6,6 +6,7 @@ joins again. Faults come from the test (`remove_node`), never from library code.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,15 +22,17 @@ def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _replica_nodes(cluster) -> dict[int, object]:
-    """pid -> cluster node of every live Serve replica process of this cluster (by its parent raylet)."""
+def _replica_nodes(cluster, title: bytes) -> dict[int, object]:
+    """pid -> cluster node of every live replica process of one deployment (its process title, e.g.
+    b"ray::ServeReplica:nodes:Recommender"; the text deployment's replicas have a title of their own)."""
     raylets = {n.all_processes["raylet"][0].process.pid: n for n in cluster.worker_nodes}
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if not (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+            # The title may carry the running method after a dot; RecommenderText must not match Recommender.
+            if not re.match(re.escape(title) + rb"(?![A-Za-z0-9_])", (proc / "cmdline").read_bytes()):
                 continue
             parent = _parent_pid(int(proc.name))
         except (OSError, IndexError, ValueError):
@@ -59,8 +62,9 @@ def test_serve_on_two_nodes_keeps_answering_when_one_is_lost(tmp_path_factory, f
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
+        # 2 CPUs a node: each node holds one replica of the ingress and one of the text deployment (1 CPU each).
         for _ in range(2):
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         config = ServeConfig(port=free_port(), app_name="nodes", num_replicas=2, num_cpus_per_replica=1.0,
@@ -69,7 +73,8 @@ def test_serve_on_two_nodes_keeps_answering_when_one_is_lost(tmp_path_factory, f
         # Serve's default runs a proxy on every node, each on the same port of its own machine.
         serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
         url = deploy(artifact, config)
-        replicas = _replica_nodes(cluster)
+        title = f"ray::ServeReplica:{config.app_name}:{DEPLOYMENT_NAME}".encode()
+        replicas = _replica_nodes(cluster, title)
         assert len(replicas) == 2 and len(set(map(id, replicas.values()))) == 2, "one replica per worker node"
 
         results: list[tuple[float, int, list]] = []   # (time, status or 0 for a transport error, item ids)
@@ -96,9 +101,9 @@ def test_serve_on_two_nodes_keeps_answering_when_one_is_lost(tmp_path_factory, f
             cluster.remove_node(lost_node, allow_graceful=False)
             time.sleep(5.0)                                   # served by the surviving replica alone
             rejoined_at = time.monotonic()
-            new_node = cluster.add_node(num_cpus=1)
+            new_node = cluster.add_node(num_cpus=2)
             deadline = time.monotonic() + 180
-            while not any(node is new_node for node in _replica_nodes(cluster).values()):
+            while not any(node is new_node for node in _replica_nodes(cluster, title).values()):
                 assert time.monotonic() < deadline, "the lost replica was not started on the new node"
                 time.sleep(0.2)
             replaced_at = time.monotonic()
