@@ -33,6 +33,7 @@ from fastapi import FastAPI
 from raysparse.errors import UserError
 from raysparse.http_api import (ApiError, Query, QueryResult, ServedModel, artifact_token, build_fastapi_app,
                                 check_artifact, recommend_many)
+from raysparse.ray_train import cluster_capacity
 from raysparse.serve_config import ServeConfig
 
 log = logging.getLogger("raysparse.serve")
@@ -177,6 +178,7 @@ def deploy(artifact: str | Path, config: ServeConfig) -> str:
     from ray import serve
 
     artifact = check_artifact(artifact)
+    config.check_capacity(cluster_capacity(), _has_text_tower(artifact))  # Serve would wait forever instead
     logging_config = {"enable_access_log": config.access_log}
     serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)
     try:

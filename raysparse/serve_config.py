@@ -97,6 +97,24 @@ class ServeConfig:
                               f"serve.max_batch_size={self.max_batch_size}, so a batch could never fill; raise "
                               f"--max-ongoing-requests to at least {self.max_batch_size}.")
 
+    def check_capacity(self, capacity: dict[str, float], with_text: bool) -> None:
+        """ConfigError when the cluster (`capacity`: CPU/GPU totals, as `ray_train.cluster_capacity` gives them)
+        cannot hold the replicas a deploy starts; Serve itself would wait for them forever. Each deployment, the
+        ingress and (when the model reads text) the text encoder's, starts num_replicas (autoscaling:
+        min_replicas) replicas of num_cpus_per_replica CPUs and num_gpus_per_replica GPUs. A hot swap needs
+        room for twice that while it runs (new replicas start before old ones stop); that is not checked here."""
+        deployments = 2 if with_text else 1
+        replicas = self.min_replicas if self.autoscaling else self.num_replicas
+        for resource, per_replica, flag in (("CPU", self.num_cpus_per_replica, "num-cpus-per-replica"),
+                                            ("GPU", self.num_gpus_per_replica, "num-gpus-per-replica")):
+            need, have = deployments * replicas * per_replica, capacity.get(resource, 0.0)
+            if need > have:
+                raise ConfigError(
+                    f"serving needs {need:g} {resource}s ({deployments} deployment(s)"
+                    f"{' (the ingress and the text encoder)' if with_text else ''} x {replicas} replica(s) x "
+                    f"{per_replica:g} {resource}), but the Ray cluster has {have:g}. Lower --{flag} or the "
+                    f"replicas, or add nodes.")
+
     @property
     def autoscaling(self) -> bool:
         return self.max_replicas > 0

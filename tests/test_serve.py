@@ -87,6 +87,18 @@ def test_serve_config_errors_name_the_key_and_the_fix(kwargs, message):
         ServeConfig(**kwargs)
 
 
+def test_capacity_check_counts_both_deployments_and_names_the_fix():
+    """Known answers: 2 replicas x 1 CPU fit 2 CPUs without text and not with it (the text encoder is a second
+    deployment of the same size: 4 CPUs); autoscaling counts min_replicas; GPUs are checked the same way."""
+    ServeConfig(num_replicas=2).check_capacity({"CPU": 2.0}, with_text=False)
+    with pytest.raises(ConfigError,
+                       match=r"serving needs 4 CPUs .*the Ray cluster has 2\. Lower --num-cpus-per-replica"):
+        ServeConfig(num_replicas=2).check_capacity({"CPU": 2.0}, with_text=True)
+    ServeConfig(min_replicas=1, max_replicas=8).check_capacity({"CPU": 2.0}, with_text=True)
+    with pytest.raises(ConfigError, match=r"serving needs 1 GPUs .*has 0\. Lower --num-gpus-per-replica"):
+        ServeConfig(num_gpus_per_replica=1.0).check_capacity({"CPU": 8.0}, with_text=False)
+
+
 def test_serve_config_defaults_bind_localhost():
     config = ServeConfig()
     assert config.host == "127.0.0.1" and config.url() == "http://127.0.0.1:8000"
