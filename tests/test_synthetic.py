@@ -31,6 +31,15 @@ def test_same_seed_same_data_other_seed_other_data():
     assert not make_synthetic(200, 100, seed=4).interactions.equals(a.interactions)
 
 
+def test_text_seed_gives_logs_of_any_size_one_catalogue_text():
+    # Without it the texts are drawn after the log, so a bigger log gets other texts (and another embedding
+    # cache key); with it, logs of 200 and 900 users share their catalogue exactly, topics included.
+    small, big = make_synthetic(200, 100, seed=3, text_seed=1), make_synthetic(900, 100, seed=3, text_seed=1)
+    pd.testing.assert_frame_equal(small.items, big.items)
+    assert not small.interactions.equals(big.interactions)
+    assert not make_synthetic(200, 100, seed=3).items.equals(make_synthetic(900, 100, seed=3).items)
+
+
 def test_schema_and_string_ids(data):
     inter, items = data.interactions, data.items
     assert inter.dtypes.astype(str).to_dict() == {"user_id": "str", "item_id": "str", "rating": "float32",

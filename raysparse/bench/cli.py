@@ -1,4 +1,4 @@
-"""`raysparse bench data|step|train|gpu|serve|accuracy`: each benchmark module registers its own command."""
+"""`raysparse bench data|step|train|gpu|serve|accuracy|scale`: each benchmark module registers its own command."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCH_MODULES = [
     "raysparse.bench.train_bench",     # bench train, bench gpu
     "raysparse.bench.serve_bench",     # bench serve
     "raysparse.bench.accuracy",        # bench accuracy
+    "raysparse.bench.scale_bench",     # bench scale
 ]
 
 

