@@ -85,6 +85,7 @@ def build_batches(config: Config, split: Split, item_text: ItemText | None) -> B
                         with_tokens=mc.uses_text and mc.finetune != "frozen",
                         target_gap_max=config.train.target_gap_max,
                         short_history_prob=config.train.short_history_prob,
-                        short_history_ks=tuple(config.data.cohort_ks))
+                        short_history_ks=tuple(config.data.cohort_ks),
+                        with_columns=mc.uses_dmf_items)
 
 

@@ -398,3 +398,29 @@ print(min(faults_of_one_big_tensor() for _ in range(6)))
                                        check=True).stdout.split()[-1]) for mode in ("keep", "default")}
     assert faults["default"] > 20_000          # 100 MB / 4 KiB pages, faulted in again
     assert faults["keep"] < 1_000, faults
+
+
+def test_residual_batches_carry_no_item_columns_and_train_to_the_same_loss(tmp_path):
+    """Under residual fusion nothing reads an item's column (the users who have it), so the batches leave them
+    out; the logits are the same as with the columns in, and concat fusion, which reads them, still gets them."""
+    from raysparse.data.examples import BatchBuilder
+    from raysparse.local import build_recommender
+
+    cfg = walk_config(tmp_path, example_mode="sequence", fusion="residual")
+    prepared = prepare_data(cfg, walks(n_users=12, length=8))
+    rec = build_recommender(cfg, prepared)
+    assert rec.builder.columns is None
+    users, targets, ends = rec.builder.training_examples("sequence")
+    lean = rec.builder.training_batch(users, targets, ends, "sequence", np.random.default_rng(1))
+    full_builder = BatchBuilder(prepared.split, None, max_history=cfg.data.max_history, max_length=16,
+                                negatives=0, with_tokens=False, short_history_prob=0.0)
+    full = full_builder.training_batch(users, targets, ends, "sequence", np.random.default_rng(1))
+    # full softmax: every item is a candidate, so the columns hold every training pair (6 a user: 8 - val - test)
+    assert lean["col_users"].numel() == 0 and full["col_users"].numel() == 12 * 6
+    model = rec.model.eval()
+    with torch.no_grad():
+        got, expected = model.forward_sequence(lean), model.forward_sequence(full)
+    torch.testing.assert_close(got["cand"], expected["cand"])
+    torch.testing.assert_close(got["pos"], expected["pos"])
+    concat = build_recommender(walk_config(tmp_path, example_mode="sequence", fusion="concat"), prepared)
+    assert concat.builder.columns is not None

@@ -38,7 +38,11 @@ class BatchBuilder:
 
     def __init__(self, split: Split, item_text: ItemText | None, *, max_history: int, max_length: int,
                  negatives: int, with_tokens: bool, target_gap_max: int = 0, short_history_prob: float = 0.0,
-                 short_history_ks: tuple[int, ...] = (1, 2, 3, 5)):
+                 short_history_ks: tuple[int, ...] = (1, 2, 3, 5), with_columns: bool = True):
+        """with_columns=False: the model has no DMF item tower (residual fusion), so batches carry no item
+        columns. A candidate's column is every user who has it: at MovieLens-25M size a popular item's holds
+        ~100k users, and a step's candidates would slice millions of entries that nothing reads, a cost that
+        grows with the number of users (`raysparse bench scale`)."""
         self.split = split
         self.item_text = item_text
         self.max_history = max_history
@@ -49,8 +53,10 @@ class BatchBuilder:
         self.short_history_prob = short_history_prob
         self.short_history_ks = tuple(short_history_ks)
         self.seen = split.train_matrix(binary=False)          # (U, I) weights
-        self.columns = self.seen.T.tocsr()                     # (I, U): DMF item inputs
-        self.columns.sort_indices()
+        self.with_columns = with_columns
+        self.columns = self.seen.T.tocsr() if with_columns else None    # (I, U): DMF item inputs
+        if self.columns is not None:
+            self.columns.sort_indices()
 
     # ---- examples ----------------------------------------------------------------------------------------
     def training_examples(self, mode: str = "prefix") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,6 +139,11 @@ class BatchBuilder:
         return batch
 
     def item_bags(self, items: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.columns is None:  # every column empty: the model reads no item columns
+            empty = torch.zeros(0, dtype=torch.int64)
+            return {"cand_items": torch.from_numpy(np.asarray(items, np.int64)), "col_users": empty,
+                    "col_offsets": torch.zeros(len(items), dtype=torch.int64),
+                    "col_weights": torch.zeros(0, dtype=torch.float32)}
         cols = self.columns[items]
         return {"cand_items": torch.from_numpy(np.asarray(items, np.int64)),
                 "col_users": torch.from_numpy(cols.indices.astype(np.int64)),
