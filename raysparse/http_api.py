@@ -102,7 +102,9 @@ class ServedModel:
     item_json: tuple             # (I,) per item_idx: the JSON of its response entry around the score (see `_items_json`)
 
     @classmethod
-    def load(cls, artifact: str | Path, warm_up: bool = True, cache_users: bool = True) -> "ServedModel":
+    def load(cls, artifact: str | Path, warm_up: bool = True, cache_users: bool = True,
+             text_encoder_dtype: str = "auto") -> "ServedModel":
+        """text_encoder_dtype: ServeConfig.text_encoder_dtype, applied after the float32 work of loading."""
         artifact = check_artifact(artifact)
         token = artifact_token(artifact)
         rec = Recommender.load(artifact)
@@ -111,6 +113,9 @@ class ServedModel:
             start = time.perf_counter()
             rec.cache_known_users()
             log.info("cached %d user vectors in %.1f s", len(rec.users), time.perf_counter() - start)
+        text_dtype = rec.set_text_encoder_dtype(text_encoder_dtype)
+        if text_dtype is not None:
+            log.info("text encoder runs in %s", str(text_dtype).removeprefix("torch."))
         n = len(rec.items)
         titles, texts = _column(rec.item_table, "title", n), _column(rec.item_table, "text", n)
         served = cls(rec, token, artifact, titles, texts,
@@ -146,8 +151,10 @@ class ServedModel:
         return self.rec.model.text is not None
 
     def describe(self) -> dict:
+        text_dtype = (str(next(self.rec.model.text.encoder.parameters()).dtype).removeprefix("torch.")
+                      if self.has_text else None)
         return {"model_id": self.model_id, "artifact": Path(self.artifact).name, "items": self.n_items,
-                "users": len(self.rec.users), "text_tower": self.has_text,
+                "users": len(self.rec.users), "text_tower": self.has_text, "text_encoder_dtype": text_dtype,
                 "max_length": int(self.rec.config.data.max_length), "variant": self.rec.config.model.variant}
 
 
@@ -573,12 +580,13 @@ def build_fastapi_app(get_model: Callable[[], ServedModel | None], run_query: Qu
     return app
 
 
-def build_plain_app(artifact: str | Path, torch_threads: int | None = None) -> FastAPI:
+def build_plain_app(artifact: str | Path, torch_threads: int | None = None,
+                    text_encoder_dtype: str = "auto") -> FastAPI:
     """The same API without Ray: one process, no replicas, no batching, no hot swap. The benchmark's baseline,
     and a way to serve where Ray is not installed (`raysparse serve --plain`)."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    served = ServedModel.load(artifact)
+    served = ServedModel.load(artifact, text_encoder_dtype=text_encoder_dtype)
     return build_fastapi_app(lambda: served)
 
 
@@ -587,7 +595,7 @@ def run_plain(artifact: str | Path, config: ServeConfig) -> None:
     if config.route_prefix != "/":
         raise ConfigError(f"serve.route_prefix={config.route_prefix!r} is not supported without Ray; serve at '/' "
                           f"(drop --route-prefix) or drop --plain.")
-    app = build_plain_app(artifact, config.torch_threads)
+    app = build_plain_app(artifact, config.torch_threads, config.text_encoder_dtype)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info" if config.access_log else "warning",
                 access_log=config.access_log)
 

@@ -57,7 +57,8 @@ def deployment_classes() -> tuple[Any, Any]:
             torch.set_num_threads(serve_config.torch_threads)
             self.recommend_texts.set_max_batch_size(serve_config.max_batch_size)
             self.recommend_texts.set_batch_wait_timeout_s(serve_config.text_batch_wait_timeout_s)
-            self._served = ServedModel.load(artifact, cache_users=False)
+            self._served = ServedModel.load(artifact, cache_users=False,
+                                            text_encoder_dtype=serve_config.text_encoder_dtype)
             self._batch_sizes: collections.Counter = collections.Counter()
 
         async def score(self, query: Query) -> tuple[str, QueryResult]:
@@ -83,7 +84,7 @@ def deployment_classes() -> tuple[Any, Any]:
             torch.set_num_threads(serve_config.torch_threads)
             self.recommend_histories.set_max_batch_size(serve_config.max_batch_size)
             self.recommend_histories.set_batch_wait_timeout_s(serve_config.batch_wait_timeout_s)
-            self._served = ServedModel.load(artifact)
+            self._served = ServedModel.load(artifact, text_encoder_dtype=serve_config.text_encoder_dtype)
             self._text = text if self._served.has_text else None
             self._retry_after_s = serve_config.retry_after_s
             self._batch_sizes: dict = collections.defaultdict(collections.Counter)

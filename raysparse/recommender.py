@@ -31,6 +31,22 @@ from raysparse.model.hybrid import HybridRecommender
 from raysparse.text_prior import blend, input_lengths, text_scores, user_text_vectors, zscore_rows
 
 MAX_K = 1000   # the most items one answer may hold (the Python API and the HTTP API alike)
+TEXT_ENCODER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it and a
+    bfloat16 encoder would be slower than float32. Reads /proc/cpuinfo (Linux); False where it cannot."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def no_text_tower_message(variant: str) -> str:
@@ -119,6 +135,29 @@ class Recommender:
         empty = torch.zeros(0, self.item_vectors.shape[1])
         self.user_cache = KnownUsers(torch.cat(vectors) if vectors else empty,
                                      torch.cat(texts) if texts else None, lengths)
+
+    def set_text_encoder_dtype(self, choice: str = "auto") -> torch.dtype | None:
+        """Run the text encoder's weights in float32 or bfloat16 from now on (a served model; see
+        ServeConfig.text_encoder_dtype); returns the dtype used, None without a text tower.
+
+        'auto' picks bfloat16 only where it is safe and faster: a frozen encoder (its only work at serve time is
+        the free-text query; item vectors and cached users were computed in float32 at load) on a CPU that
+        computes bfloat16 natively. On this 2-core box that cut MiniLM's pass for a two-title text from 9.4 to
+        7.6 ms, pooled embeddings at cosine >= 0.9999 to float32 (docs/BENCHMARKS.md). Call it after load and
+        `cache_known_users`: what was computed before keeps float32.
+        """
+        if choice not in TEXT_ENCODER_DTYPES:
+            raise UserError(f"text encoder dtype {choice!r} is not one of {', '.join(TEXT_ENCODER_DTYPES)}.")
+        text = self.model.text
+        if text is None:
+            return None
+        if choice == "auto":
+            on_cpu = next(text.encoder.parameters()).device.type == "cpu"
+            choice = ("bfloat16" if text.finetune == "frozen" and on_cpu and cpu_has_native_bf16()
+                      else "float32")
+        dtype = getattr(torch, choice)
+        text.encoder.to(dtype)
+        return dtype
 
     def refresh_item_text(self) -> None:
         """The text prior's item side: the frozen item text embeddings at unit length (None without text)."""

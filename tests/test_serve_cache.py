@@ -113,3 +113,55 @@ def test_a_back_pressure_error_carries_retry_after():
     response = ApiError(503, "the text encoder is busy; retry in 2 s", headers={"Retry-After": "2"}).response()
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert json.loads(response.body) == {"detail": "the text encoder is busy; retry in 2 s"}
+
+
+# ---- the text encoder's dtype (ServeConfig.text_encoder_dtype) ----------------------------------------------
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags():
+    from raysparse.recommender import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert not cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512bw\n")   # bf16 emulated: slower
+    assert not cpu_has_native_bf16("")
+
+
+def test_bfloat16_text_encoder_answers_like_float32(artifacts):
+    full, half = Recommender.load(artifacts[0]), Recommender.load(artifacts[0])
+    assert full.set_text_encoder_dtype("float32") == torch.float32
+    assert half.set_text_encoder_dtype("bfloat16") == torch.bfloat16
+    assert next(half.model.text.encoder.parameters()).dtype == torch.bfloat16
+    texts = ["space opera", "a quiet drama about family", "comedy"]
+    emb32, _ = full.encode_query_texts(texts)
+    emb16, _ = half.encode_query_texts(texts)
+    assert emb16.dtype == torch.float32                    # what reads it (the projection) stays float32
+    assert torch.nn.functional.cosine_similarity(emb16, emb32).min() > 0.999
+    # Every path still answers (this fine-tuned test model reads history text through the encoder too).
+    for kwargs in ({"texts": texts}, {"histories": [[0, 1]]}, {"user_idx": [0]}):
+        assert len(half.top_k(k=5, **kwargs)[0]) == 5
+
+
+def test_auto_text_encoder_dtype_is_bfloat16_only_for_a_frozen_encoder_on_a_bf16_cpu(artifacts, monkeypatch):
+    import raysparse.recommender as recommender_module
+    from raysparse.errors import UserError
+
+    rec = Recommender.load(artifacts[0])
+    assert rec.model.text.finetune == "top"              # fine-tuned: fold-in reads the encoder, keep float32
+    monkeypatch.setattr(recommender_module, "cpu_has_native_bf16", lambda: True)
+    assert rec.set_text_encoder_dtype("auto") == torch.float32
+    rec.model.text.finetune = "frozen"                   # frozen: only free-text queries read it
+    assert rec.set_text_encoder_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(recommender_module, "cpu_has_native_bf16", lambda: False)
+    assert rec.set_text_encoder_dtype("auto") == torch.float32
+    with pytest.raises(UserError, match="'float16' is not one of auto, float32, bfloat16"):
+        rec.set_text_encoder_dtype("float16")
+
+
+def test_served_model_reports_its_text_encoder_dtype(artifacts):
+    from raysparse.errors import ConfigError
+    from raysparse.serve_config import ServeConfig
+
+    served = ServedModel.load(artifacts[0], warm_up=False, cache_users=False, text_encoder_dtype="bfloat16")
+    assert served.describe()["text_encoder_dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="--text-encoder-dtype"):
+        ServeConfig(text_encoder_dtype="fp16")

@@ -78,6 +78,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--max-ongoing-requests", type=int, default=defaults.max_ongoing_requests)
     p.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
     p.add_argument("--max-queued-texts", type=int, default=defaults.max_queued_texts)
+    p.add_argument("--text-encoder-dtype", default=defaults.text_encoder_dtype, choices=["auto", "float32", "bfloat16"],
+                   help="Text encoder weights in every server (auto: bfloat16 on a CPU with native bfloat16).")
     p.set_defaults(func=run)
 
 
@@ -205,7 +207,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 300) -> dict:
+    """The server's /healthz answer, once it gives one."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -213,17 +216,18 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: floa
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the plain server exited with code {proc.returncode}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
+            health = httpx.get(f"{url}/healthz", timeout=2)
+            if health.status_code == 200:
+                return health.json()
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} was not healthy after {timeout_s:.0f}s")
 
 
-def start_plain(artifact: str, port: int, threads: int) -> subprocess.Popen:
+def start_plain(artifact: str, port: int, threads: int, text_encoder_dtype: str = "auto") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "raysparse.cli", "serve", "--plain", "--artifact", artifact, "--port", str(port),
-           "--num-cpus-per-replica", str(threads), "--no-access-log"]
+           "--num-cpus-per-replica", str(threads), "--no-access-log", "--text-encoder-dtype", text_encoder_dtype]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -232,7 +236,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                        text_batch_wait_timeout_s=args.text_batch_wait_timeout_s,
                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-                       max_queued_texts=args.max_queued_texts, access_log=False)
+                       max_queued_texts=args.max_queued_texts, access_log=False,
+                       text_encoder_dtype=args.text_encoder_dtype)
 
 
 def start_ray(args: argparse.Namespace, env: dict | None = None) -> None:
@@ -409,7 +414,7 @@ def part_profile(artifact: str, args: argparse.Namespace, n: int, out: Path) -> 
     from raysparse.http_api import ServedModel, build_fastapi_app
 
     torch.set_num_threads(ServeConfig(num_cpus_per_replica=args.num_cpus_per_replica).torch_threads)
-    served = ServedModel.load(artifact)
+    served = ServedModel.load(artifact, text_encoder_dtype=args.text_encoder_dtype)
     app = build_fastapi_app(lambda: served)
 
     async def call(body: dict) -> None:
@@ -516,8 +521,9 @@ def run(args: argparse.Namespace) -> int:
         results["profile_load_average_end"] = os.getloadavg()
     try:
         if needs_plain:
-            plain = start_plain(artifact, int(plain_url.rsplit(":", 1)[1]), threads)
-            wait_healthy(plain_url, plain)
+            plain = start_plain(artifact, int(plain_url.rsplit(":", 1)[1]), threads, args.text_encoder_dtype)
+            results["text_encoder_dtype"] = wait_healthy(plain_url, plain).get("text_encoder_dtype")
+            print(f"plain server: text encoder in {results['text_encoder_dtype']}", flush=True)
         if "server-time" in args.parts:
             results["server_time_load_average_start"] = os.getloadavg()
             results["server_time"] = part_server_time(plain_url, artifact, args, n)

@@ -172,7 +172,9 @@ class TextTower(nn.Module):
                 hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        # float32 out whatever the encoder's weights are (a server may run them in bfloat16): what reads the
+        # pooled vector (projection, DMF fusion) stays float32.
+        return pool(hidden.float(), attention_mask, self.pooling)
 
     def pool_history(self, items: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Frozen mode: items (N,) newest-first per bag, offsets (B,), positions (N,) 0 = newest -> (B, H).
