@@ -28,10 +28,10 @@ from raysparse.data.examples import BatchBuilder, all_item_bags
 from raysparse.data.vocab import Vocab
 from raysparse.errors import UserError
 from raysparse.model.hybrid import HybridRecommender
+from raysparse.serve_config import TEXT_ENCODER_DTYPES
 from raysparse.text_prior import blend, input_lengths, text_scores, user_text_vectors, zscore_rows
 
 MAX_K = 1000   # the most items one answer may hold (the Python API and the HTTP API alike)
-TEXT_ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

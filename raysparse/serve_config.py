@@ -17,6 +17,8 @@ from typing import Any
 from raysparse.config import Config, option, parse_set_value, read_config_file, section_from_dict
 from raysparse.errors import ConfigError
 
+TEXT_ENCODER_DTYPES = ("auto", "float32", "bfloat16")   # ServeConfig.text_encoder_dtype's choices
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -92,9 +94,9 @@ class ServeConfig:
         if self.max_queued_texts < 0:
             raise ConfigError(f"serve.max_queued_texts={self.max_queued_texts} must be >= 0 (0: no limit; flag "
                               f"--max-queued-texts).")
-        if self.text_encoder_dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"serve.text_encoder_dtype={self.text_encoder_dtype!r} must be auto, float32 or "
-                              f"bfloat16 (flag --text-encoder-dtype).")
+        if self.text_encoder_dtype not in TEXT_ENCODER_DTYPES:
+            raise ConfigError(f"serve.text_encoder_dtype={self.text_encoder_dtype!r} must be one of "
+                              f"{', '.join(TEXT_ENCODER_DTYPES)} (flag --text-encoder-dtype).")
         if self.retry_after_s < 1:
             raise ConfigError(f"serve.retry_after_s={self.retry_after_s} must be >= 1 (flag --retry-after-s).")
         if self.max_batch_size < 1:

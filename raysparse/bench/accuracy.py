@@ -4,15 +4,15 @@ Protocol (raysparse.data.split): validation reads the training history and ranks
 reads the training history + the validation item and ranks the test item; every item outside the input is
 ranked. Every row gets the same input.
 
-Rows: popularity, EASE, iALS, SASRec, the zero-shot text baselines (text, EASE + text), and our sequence model
-in five variants (plus any `--ablation`): ids only, ids + text, ids + DMF, text (+ DMF item column), fused
-(ids + text + DMF). Each seed re-draws the sparse cohort (data.split_seed) and re-seeds training.
-Baselines are tuned on the first seed's validation split (raysparse.bench.baselines). Our models pick their
-epoch by validation NDCG@10, and what must differ between data sets (`--our-grid`: by default the dropout
-rate, model.dropout 0.3 or 0.5, and the length of the schedule, train.epochs 10 or 20) is chosen like the
-baselines' grids: the fused model is fitted at each grid
-point on the first seed, and the point with the best validation NDCG@10 is used by every row of ours on every
-seed. The test split decides nothing, and configs/accuracy.yaml is used unchanged on every data set.
+Rows: popularity, EASE, iALS, SASRec (+ the text prior), the zero-shot text baselines (text, EASE + text), and
+our sequence model in four variants by default (plus any `--ablation`): ids only, ids + text, ids + DMF, fused
+(ids + text + DMF); `--variants text` adds the DMF item column design. Each seed re-draws the sparse cohort
+(data.split_seed) and re-seeds training. Baselines are tuned on the first seed's validation split
+(raysparse.bench.baselines). Our models pick their epoch by validation NDCG@10, and what must differ between
+data sets (`--our-grid`: by default the dropout rate, model.dropout 0.3 or 0.5, and the length of the schedule,
+train.epochs 10 or 20) is chosen like the baselines' grids: the fused model is fitted at each grid point on the
+first seed, and the point with the best validation NDCG@10 is used by every row of ours on every seed.
+The test split decides nothing, and configs/accuracy.yaml is used unchanged on every data set.
 
 Our models train through the same code as `raysparse train`: on local Ray (Ray Train + DeepSpeed, one
 worker) with `--trainer ray`, or in-process with `--trainer local` (same model, step and data code).

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from raysparse.bench.common import print_table
-from raysparse.serve_config import ServeConfig
+from raysparse.serve_config import TEXT_ENCODER_DTYPES, ServeConfig
 
 KINDS = ("warm", "fold_in", "text")
 SERVER_TIME_GOALS_MS = {"warm": 0.5, "fold_in": 1.0, "text": 8.0}   # p50 server time, plain app, concurrency 1
@@ -78,7 +78,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--max-ongoing-requests", type=int, default=defaults.max_ongoing_requests)
     p.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
     p.add_argument("--max-queued-texts", type=int, default=defaults.max_queued_texts)
-    p.add_argument("--text-encoder-dtype", default=defaults.text_encoder_dtype, choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--text-encoder-dtype", default=defaults.text_encoder_dtype, choices=TEXT_ENCODER_DTYPES,
                    help="Text encoder weights in every server (auto: bfloat16 on a CPU with native bfloat16).")
     p.set_defaults(func=run)
 
