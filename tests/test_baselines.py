@@ -160,6 +160,17 @@ def test_sasrec_position_sees_only_earlier_items():
     assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
+def test_sasrec_rows_cut_to_their_longest_sequence_give_the_same_outputs():
+    """Training cuts each batch to its longest window; positions count back from the newest item, so the cut
+    row's items keep the positions (and outputs) they have in the full max_len row."""
+    torch.manual_seed(0)
+    net = SASRecNet(n_items=10, hidden_size=8, num_layers=2, num_heads=2, dropout=0.0, max_len=6).eval()
+    full = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 0, 5, 6, 7, 8]])
+    with torch.no_grad():
+        wide, narrow = net(full), net(full[:, -4:])
+    torch.testing.assert_close(narrow, wide[:, -4:])        # positions counted from the left would differ here
+
+
 def _branching_split(n_users=200, n_hubs=12, branches=4, length=9, seed=0):
     """Users alternate hub and branch items: after hub h comes one of its `branches` branch items, drawn at
     random; after a branch item comes its one fixed next hub. Sequences start at a hub and have odd length, so

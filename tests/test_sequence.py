@@ -251,6 +251,41 @@ def test_sequence_users_equal_the_users_of_the_histories_they_read(tmp_path, fus
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_sequence_batches_are_as_wide_as_their_longest_window_and_the_padding_they_skip_changes_nothing(tmp_path):
+    """Users of 8 items (6 training: windows of 5 inputs) under max_history 20: the batch is 5 wide, not 20; the
+    same batch padded on the left to 20 (pred_col shifted) gives the same training logits, whole rows and
+    short-history blocks alike, and the same loss."""
+    from raysparse.build import build_batches
+    from raysparse.local import build_recommender
+    from raysparse.model.sequence import PAD
+    from raysparse.step import compute_loss
+
+    cfg = walk_config(tmp_path, example_mode="sequence", fusion="residual").replace(**{
+        "data.max_history": 20, "train.short_history_prob": 0.5})
+    prepared = prepare_data(cfg, walks(n_users=12, length=8))
+    rec = build_recommender(cfg, prepared)
+    builder = build_batches(cfg, prepared.split, None)
+    users, targets, ends = builder.training_examples("sequence")
+    batch = builder.training_batch(users, targets, ends, "sequence", np.random.default_rng(1))
+    assert batch["seq"].shape == (len(users), 5)
+    assert (batch["seq"][:, 0] >= 0).all()                      # every window fills the width: nothing to trim
+    assert (batch["window"] > 0).any() and (batch["window"] == 0).any()
+    extra = 20 - 5
+    padded = dict(batch)
+    padded["seq"] = torch.nn.functional.pad(batch["seq"], (extra, 0), value=PAD)
+    padded["seq_weights"] = torch.nn.functional.pad(batch["seq_weights"], (extra, 0), value=0.0)
+    padded["pred_col"] = batch["pred_col"] + extra
+    model = rec.model.eval()
+    with torch.no_grad():
+        for param in model.parameters():          # residual fusion starts its DMF projection at zero: give it
+            if not param.abs().sum():             # weights, so the DMF row's running sums are compared too
+                param.normal_(std=0.1)
+        narrow, wide = model(batch), model(padded)
+    torch.testing.assert_close(narrow["cand"], wide["cand"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(narrow["pos"], wide["pos"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compute_loss(narrow, "softmax"), compute_loss(wide, "softmax"), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fusion", ["concat", "residual"])
 def test_fused_attention_artifact_round_trip_serves_all_three_paths(tmp_path, frames, tiny_encoder, fusion):
     """Trained in sequence mode, saved, loaded: the same scores for a known user, a new user's history and a

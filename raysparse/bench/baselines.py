@@ -485,7 +485,10 @@ class SASRecNet(nn.Module):
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (B, L) int64 ids (0 = padding) -> hidden states (B, L, H); position t has seen items <= t only."""
         length = seq.shape[1]
-        x = self.item_emb(seq) * math.sqrt(self.hidden_size) + self.pos_emb(torch.arange(length))
+        # Positions count back from the newest item (always at max_len - 1), so a batch cut to its longest
+        # sequence (`SASRec._fit`) gives every item the position it has in a full max_len row.
+        max_len = self.pos_emb.num_embeddings
+        x = self.item_emb(seq) * math.sqrt(self.hidden_size) + self.pos_emb(torch.arange(max_len - length, max_len))
         x = self.drop(x)
         valid = seq > 0                                                       # (B, L)
         causal = torch.ones(length, length, dtype=torch.bool).tril()          # query t sees keys <= t
@@ -558,6 +561,10 @@ class SASRec:
             total, count = 0.0, 0
             for batch in torch.randperm(len(inputs), generator=order_rng).split(self.batch_size):
                 seq, tgt = inputs[batch], targets[batch]
+                # Only as wide as the batch's longest window: left of it every row is padding, which attention
+                # masks out and no target sits in (exact; on Amazon Scientific most of a 50-wide row is padding).
+                width = max(int((seq > 0).sum(1).max()), 1)
+                seq, tgt = seq[:, -width:], tgt[:, -width:]
                 hidden = self.net(seq)                       # (B, L, H)
                 real = tgt > 0                               # positions with a next item to predict
                 logits = self.net.logits(hidden[real])       # (N, I): full softmax over the catalogue

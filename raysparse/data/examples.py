@@ -195,7 +195,7 @@ class BatchBuilder:
         """Windows of training sequences for one causal pass each (example_mode='sequence').
 
         A window ends at item `end` of the user's sequence and holds up to max_history + 1 items w; the inputs
-        w[:-1] sit right-aligned in seq (B, max_history), PAD-filled on the left. Each input position t
+        w[:-1] sit right-aligned in seq (B, L), L = the batch's longest window (<= max_history), PAD-filled on the left. Each input position t
         (pred_row, pred_col) predicts w[t + 1] (the next item) and, with target_gap_max >= 1, w[t + 2] (one
         further: at test time the validation item sits between the history and the test item). A position's
         user vector and its logits over the candidates serve all its targets (target_row), so the costly
@@ -205,18 +205,25 @@ class BatchBuilder:
         Negatives are shared as in `collate`; an item the user has seen is never a negative.
         """
         users = np.asarray(users, np.int64)
-        n, length = len(users), self.max_history
+        n = len(users)
+        # Each window's slice of its user's training sequence: [lo + start, lo + end] (inputs + last target).
+        lo = self.split.train_indptr[users]
+        start = lo + np.maximum(0, np.asarray(ends, np.int64) - self.max_history)
+        stop = lo + np.asarray(ends, np.int64) + 1
+        # As wide as the batch's longest window, not max_history: the inputs sit right-aligned and attention
+        # reads only distances and blocks counted from the right end, so the PAD columns left of every window
+        # change nothing (tested) but cost time. Short sequences (Amazon: ~6 training items a user) made most
+        # of a 50-wide batch padding.
+        length = max(int((stop - start).max(initial=1)) - 1, 1)
         seq = np.full((n, length), PAD, np.int64)
         seq_weights = np.zeros((n, length), np.float32)
         rows, cols, target_rows, targets = [], [], [], []
         n_positions = 0
-        for b, (u, end) in enumerate(zip(users.tolist(), np.asarray(ends).tolist())):
-            lo = self.split.train_indptr[u]
-            start = max(0, end - length)
-            items = self.split.train_items[lo + start: lo + end + 1]
+        for b, (first, last) in enumerate(zip(start.tolist(), stop.tolist())):
+            items = self.split.train_items[first:last]
             m = len(items) - 1                                  # inputs in this window
             seq[b, length - m:] = items[:-1]
-            seq_weights[b, length - m:] = self.split.train_weights[lo + start: lo + end]
+            seq_weights[b, length - m:] = self.split.train_weights[first:last - 1]
             rows.append(np.full(m, b))
             cols.append(np.arange(length - m, length))
             for gap in range(self.target_gap_max + 1):
