@@ -488,12 +488,3 @@ def describe_section(section: str, cls: type) -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         lines.append(f"  {section}.{f.name} = {default!r}\n      {f.metadata['help']}")
     return lines
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2))
-
-
-def config_from_json(path: str | Path) -> Config:
-    return config_from_dict(json.loads(Path(path).read_text()))
-
