@@ -195,21 +195,20 @@ class BatchBuilder:
         """Windows of training sequences for one causal pass each (example_mode='sequence').
 
         A window ends at item `end` of the user's sequence and holds up to max_history + 1 items w; the inputs
-        w[:-1] sit right-aligned in seq (B, L), L = the batch's longest window (<= max_history), PAD-filled on the left. Each input position t
-        (pred_row, pred_col) predicts w[t + 1] (the next item) and, with target_gap_max >= 1, w[t + 2] (one
-        further: at test time the validation item sits between the history and the test item). A position's
-        user vector and its logits over the candidates serve all its targets (target_row), so the costly
-        (positions x candidates) logits are computed once, not once per target. With short_history_prob, a row is
-        read as blocks of k items (window = k, k from data.cohort_ks), each position seeing 1..k recent items
-        of its block: sparse users at test time.
+        w[:-1] sit right-aligned in seq (B, L), L = the batch's longest window (<= max_history), PAD-filled on
+        the left. Each input position t (pred_row, pred_col) predicts w[t + 1] (the next item) and, with
+        target_gap_max >= 1, w[t + 2] (one further: at test time the validation item sits between the history
+        and the test item). A position's user vector and its logits over the candidates serve all its targets
+        (target_row), so the costly (positions x candidates) logits are computed once, not once per target.
+        With short_history_prob, a row is read as blocks of k items (window = k, k from data.cohort_ks), each
+        position seeing 1..k recent items of its block: sparse users at test time.
         Negatives are shared as in `collate`; an item the user has seen is never a negative.
         """
         users = np.asarray(users, np.int64)
         n = len(users)
-        # Each window's slice of its user's training sequence: [lo + start, lo + end] (inputs + last target).
-        lo = self.split.train_indptr[users]
-        start = lo + np.maximum(0, np.asarray(ends, np.int64) - self.max_history)
-        stop = lo + np.asarray(ends, np.int64) + 1
+        # Each window's slice [start, stop) of the training items: its inputs and, last, its final target.
+        lo, ends = self.split.train_indptr[users], np.asarray(ends, np.int64)
+        start, stop = lo + np.maximum(0, ends - self.max_history), lo + ends + 1
         # As wide as the batch's longest window, not max_history: the inputs sit right-aligned and attention
         # reads only distances and blocks counted from the right end, so the PAD columns left of every window
         # change nothing (tested) but cost time. Short sequences (Amazon: ~6 training items a user) made most
