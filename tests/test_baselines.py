@@ -171,6 +171,12 @@ def test_sasrec_rows_cut_to_their_longest_sequence_give_the_same_outputs():
     torch.testing.assert_close(narrow, wide[:, -4:])        # positions counted from the left would differ here
 
 
+def test_sasrec_rejects_sequences_longer_than_its_positions_and_says_how_to_cut_them():
+    net = SASRecNet(n_items=10, hidden_size=8, num_layers=1, num_heads=2, dropout=0.0, max_len=6)
+    with pytest.raises(ValueError, match=r"7 items but has positions for max_len=6.*seq\[:, -6:\]"):
+        net(torch.ones(2, 7, dtype=torch.long))
+
+
 def _branching_split(n_users=200, n_hubs=12, branches=4, length=9, seed=0):
     """Users alternate hub and branch items: after hub h comes one of its `branches` branch items, drawn at
     random; after a branch item comes its one fixed next hub. Sequences start at a hub and have odd length, so

@@ -488,6 +488,10 @@ class SASRecNet(nn.Module):
         # Positions count back from the newest item (always at max_len - 1), so a batch cut to its longest
         # sequence (`SASRec._fit`) gives every item the position it has in a full max_len row.
         max_len = self.pos_emb.num_embeddings
+        if length > max_len:
+            raise ValueError(f"SASRecNet got sequences of {length} items but has positions for max_len={max_len}: "
+                             f"keep each sequence's newest {max_len} items (seq[:, -{max_len}:]) or build the "
+                             f"network with a larger max_len.")
         x = self.item_emb(seq) * math.sqrt(self.hidden_size) + self.pos_emb(torch.arange(max_len - length, max_len))
         x = self.drop(x)
         valid = seq > 0                                                       # (B, L)
