@@ -93,6 +93,13 @@ def test_our_grid_is_chosen_on_the_first_seeds_validation_and_used_by_every_row(
         parse_grid("model.dropout")
 
 
+def test_later_seeds_baselines_go_to_a_free_process_before_our_fits_queued_earlier():
+    from raysparse.bench.accuracy import baselines_first
+    waiting = [("ours", 0, "ids"), ("ours", 1, "fused"), ("baselines", 1, {}), ("ours", 2, "ids"), ("baselines", 2, {})]
+    assert baselines_first(waiting) == [("baselines", 1, {}), ("baselines", 2, {}), ("ours", 0, "ids"),
+                                        ("ours", 1, "fused"), ("ours", 2, "ids")]
+
+
 def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp_path):
     from raysparse.bench.accuracy import register_bench
     from raysparse.errors import UserError

@@ -302,6 +302,14 @@ def run_all(args) -> tuple[list[dict], dict]:
     return per_seed, choice
 
 
+def baselines_first(jobs: list[tuple]) -> list[tuple]:
+    """The order in which waiting jobs (kind, ...) go to free processes: a seed's baselines (SASRec's fit, the
+    longest job) before our fits, each kind in submission order. The pool's own queue is first come, first served,
+    and the later seeds' baselines can only be queued once the first seed's have chosen their grids, after our
+    fits: run last, they left one process idle through the final SASRec fit."""
+    return sorted(jobs, key=lambda job: job[0] != "baselines")
+
+
 def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
     depends on their choices."""
@@ -310,9 +318,16 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
     threads = max(1, cores // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
+        waiting: list[tuple[str, int, object, str]] = []    # handed to the pool only as its processes free up
 
         def submit(kind: str, seed: int, payload, key: str) -> None:
-            pending[pool.submit(_job, kind, args, seed, payload, threads)] = (key, seed)
+            waiting.append((kind, seed, payload, key))
+
+        def start_free() -> None:
+            waiting[:] = baselines_first(waiting)
+            while waiting and len(pending) < args.jobs:
+                kind, seed, payload, key = waiting.pop(0)
+                pending[pool.submit(_job, kind, args, seed, payload, threads)] = (key, seed)
 
         for label, sets in grid_jobs:
             submit("ours", 0, (label, sets), label)
@@ -322,9 +337,11 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
             for label, seed, payload in later_jobs(points[0]):
                 submit("ours", seed, payload, label)
         grid_left = len(grid_jobs)
+        start_free()
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             if any(future.exception() for future in done):    # stop the queue: the run cannot complete
+                waiting.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
             for future in done:
                 key, seed = pending.pop(future)
@@ -340,6 +357,7 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
                     if grid_left == 0:
                         for label, job_seed, payload in later_jobs(finish_grid()):
                             submit("ours", job_seed, payload, label)
+            start_free()
 
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict]:
