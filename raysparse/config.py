@@ -104,14 +104,18 @@ class ModelConfig:
     item_text: bool = option(True, "Add the item's own (frozen, cached) text embedding to its vector: lets rarely "
                                    "seen items borrow from their text.")
     text_prior: float = option(0.0, "Weight of a zero-shot text prior added when scoring (variants with text): "
-                                    "score = z(model score) + w * z(cosine between the mean frozen text embedding "
-                                    "of the user's input items and each item's), z standardising each user's row "
-                                    "over the catalogue, the way 'EASE + text' blends. A user's few items say "
-                                    "little to the trained model and a lot through their text. 0: off. Chosen on "
+                                    "score = z(model score) + w * z(text match of each item with the user's input "
+                                    "items, see text_prior_form), z standardising each user's row over the "
+                                    "catalogue, the way 'EASE + text' blends. A user's few items say little to "
+                                    "the trained model and a lot through their text. 0: off. Chosen on "
                                     "validation after training with train.choose_text_prior.")
     text_prior_items: float = option(0.0, "How the text prior fades as the input grows: w = text_prior * h / (h + n) "
                                           "for an input of n items, h = this value (0: w = text_prior for every "
                                           "input). Chosen with text_prior.")
+    text_prior_form: str = option("mean", "The text prior's match of an item with the input's frozen text "
+                                          "embeddings: 'mean' = cosine with the mean of the input's items; "
+                                          "'max' = the highest cosine with any one input item (keeps each topic "
+                                          "of a mixed input). Chosen with text_prior.")
     modality_dropout: float = option(0.1, "Probability p, per training example, of dropping one side of the user. "
                                           "fusion='concat' (fused only): the text part with probability p, "
                                           "else the DMF part with probability p (never both), so each side learns "
@@ -140,6 +144,7 @@ class ModelConfig:
         _choice("model.variant", self.variant, ("fused", "dmf", "text", "ids", "ids_text"))
         _choice("model.pooling", self.pooling, ("cls", "mean"))
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
+        _choice("model.text_prior_form", self.text_prior_form, ("mean", "max"))
         _choice("model.history_encoder", self.history_encoder, ("bag", "attention"))
         _choice("model.fusion", self.fusion, ("concat", "residual"))
         if self.fusion == "residual" and self.history_encoder != "attention":
@@ -230,8 +235,9 @@ class TrainConfig:
     seed: int = option(0, "Seed of initialisation, shuffling and negative sampling.")
     eval_batch_size: int = option(256, "Users scored at once in full-ranking evaluation.")
     choose_text_prior: bool = option(False, "After training (variants with text), choose model.text_prior from "
-                                            "{0, 0.25, 0.5, 1, 2, 4} and model.text_prior_items from {0, 2, 8} by "
-                                            "validation NDCG@10 (one scoring pass; 0 keeps the model alone). The "
+                                            "{0, 0.25, 0.5, 1, 2, 4}, model.text_prior_items from {0, 2, 8} and "
+                                            "model.text_prior_form from {mean, max} by validation NDCG@10 (one "
+                                            "scoring pass; 0 keeps the model alone). The "
                                             "artifact keeps the choice. configs/accuracy.yaml turns it on.")
     max_steps_per_epoch: int = option(0, "Cap on steps per epoch (0 = no cap); for smoke tests and benchmarks.")
 

@@ -75,20 +75,21 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
 
 
 def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[[str], None] = print) -> bool:
-    """Choose model.text_prior / text_prior_items on validation (train.choose_text_prior) and set them on
+    """Choose model.text_prior / text_prior_items / text_prior_form on validation (train.choose_text_prior) and set them on
     `rec.config`, so the scores, the metrics and the saved artifact all carry the choice. False (nothing
     chosen) for a model without text."""
     if rec.model.text is None:
         return False
     rec.refresh()
     split = prepared.split
-    (weight, items), table = choose_text_prior(
+    (weight, items, form), table = choose_text_prior(
         lambda users, inputs: rec.score_users(users, inputs, text_prior=False), rec.text_prior_scores, split,
         split.evaluated_users, rec.config.data.max_history, rec.config.train.eval_batch_size)
-    rec.config = rec.config.replace(**{"model.text_prior": weight, "model.text_prior_items": items})
-    shown = " ".join(f"{w:g}/{h:g}={v:.4f}" for (w, h), v in table.items())
-    log(f"text prior chosen on validation: text_prior={weight:g} text_prior_items={items:g} "
-        f"(val NDCG@10 by text_prior/text_prior_items: {shown})")
+    rec.config = rec.config.replace(**{"model.text_prior": weight, "model.text_prior_items": items,
+                                       "model.text_prior_form": form})
+    shown = " ".join(f"{f} {w:g}/{h:g}={v:.4f}" for (w, h, f), v in table.items())
+    log(f"text prior chosen on validation: text_prior={weight:g} text_prior_items={items:g} text_prior_form={form} "
+        f"(val NDCG@10 by text_prior_form text_prior/text_prior_items: {shown})")
     return True
 
 

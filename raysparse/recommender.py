@@ -60,7 +60,7 @@ class KnownUsers:
     """What a warm request needs of each known user, computed once (`Recommender.cache_known_users`)."""
 
     vectors: torch.Tensor          # (U, D) user vectors from each training history
-    texts: torch.Tensor | None     # (U, H) unit mean item text of each history (the text prior's user side)
+    texts: torch.Tensor | None     # (U, H) unit mean item text of each history (the 'mean' text prior's user side)
     lengths: list                  # (U,) n in the prior's weight w(n): history length capped at max_history
 
 
@@ -124,7 +124,9 @@ class Recommender:
         """
         n_users = self.builder.split.n_users
         vectors, texts, lengths = [], [], []
-        with_text = bool(self.config.model.text_prior) and self.unit_item_text is not None
+        # The 'max' form's user side is the history itself (every item's cosines), read again per request.
+        with_text = (bool(self.config.model.text_prior) and self.unit_item_text is not None
+                     and self.config.model.text_prior_form == "mean")
         with self._inference():
             for u in range(n_users):
                 seen = self._histories_newest_first([u], None)
@@ -174,9 +176,11 @@ class Recommender:
                      input_lengths(histories_newest_first, self.config.data.max_history), mc.text_prior,
                      mc.text_prior_items)
 
-    def text_prior_scores(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, I) the standardised text prior alone (what `choose_text_prior` weighs)."""
-        return text_scores(self.unit_item_text, histories_newest_first, self.config.data.max_history)
+    def text_prior_scores(self, histories_newest_first: Sequence[np.ndarray], form: str | None = None) -> torch.Tensor:
+        """(B, I) the standardised text prior alone (what `choose_text_prior` weighs); form None:
+        model.text_prior_form."""
+        return text_scores(self.unit_item_text, histories_newest_first, self.config.data.max_history,
+                           form or self.config.model.text_prior_form)
 
     # ---- scoring (index space) ----------------------------------------------------------------------------
     def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -307,8 +311,10 @@ class Recommender:
         """Whether `user_cache` answers these known users as the model would now (a text prior switched on after
         caching has no cached side: those calls take the uncached path)."""
         cache = self.user_cache
+        mc = self.config.model
         return (cache is not None and len(cache.lengths) == self.builder.split.n_users
-                and (cache.texts is not None or not (self.config.model.text_prior and self.unit_item_text is not None)))
+                and (cache.texts is not None or mc.text_prior_form == "max"
+                     or not (mc.text_prior and self.unit_item_text is not None)))
 
     def _cached_scores(self, user_idx: Sequence[int]) -> torch.Tensor:
         """(B, I) `score_histories` of known users' training histories, from `user_cache`."""
@@ -319,7 +325,10 @@ class Recommender:
             mc = self.config.model
             if not mc.text_prior or self.unit_item_text is None:
                 return scores
-            prior = zscore_rows(cache.texts[rows] @ self.unit_item_text.T)
+            if mc.text_prior_form == "mean":
+                prior = zscore_rows(cache.texts[rows] @ self.unit_item_text.T)
+            else:
+                prior = self.text_prior_scores(self._histories_newest_first(list(user_idx), None))
             return blend(scores, prior, [cache.lengths[int(u)] for u in user_idx], mc.text_prior, mc.text_prior_items)
 
     def _histories_newest_first(self, user_idx: Sequence[int] | None,

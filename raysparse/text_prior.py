@@ -1,10 +1,12 @@
 """The zero-shot text prior blended into our scores, and its choice on validation.
 
 A user's input (history) of n items gives the trained model little to go on when n is small, while the text of
-even one item says a lot: the 'EASE + text' baseline wins the sparse cohort that way. The prior is the cosine
-between the mean frozen text embedding of the input's items and every item's, z-standardised per user like the
-model's scores, and added with weight w(n) = text_prior * h / (h + n) (h = text_prior_items; 0: constant).
-Both are chosen on validation after training (`choose_text_prior`); the test split decides nothing.
+even one item says a lot: the 'EASE + text' baseline wins the sparse cohort that way. The prior matches each
+item's frozen text embedding against the input's, in one of two forms (text_prior_form): 'mean', the cosine with
+the mean text of the input's items; 'max', the best cosine with any one input item (a nearest-neighbour match
+in text, which keeps each of an input's topics where the mean blurs them). It is z-standardised per user like
+the model's scores and added with weight w(n) = text_prior * h / (h + n) (h = text_prior_items; 0: constant).
+All three are chosen on validation after training (`choose_text_prior`); the test split decides nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from raysparse.metrics import exclusion_mask, metrics_from_ranks, ranks_from_sco
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 PRIOR_ITEMS = (0.0, 2.0, 8.0)
+PRIOR_FORMS = ("mean", "max")
 
 
 def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
@@ -47,10 +50,21 @@ def user_text_vectors(unit_item_text: torch.Tensor, histories: Sequence[np.ndarr
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
-def text_scores(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], max_items: int) -> torch.Tensor:
-    """(B, I) standardised cosine between each input's mean item text (its newest `max_items`) and every item.
-    histories: newest first. unit_item_text: (I, H) L2-normalised item text embeddings."""
-    return zscore_rows(user_text_vectors(unit_item_text, histories, max_items) @ unit_item_text.T)
+def text_scores(unit_item_text: torch.Tensor, histories: Sequence[np.ndarray], max_items: int,
+                form: str = "mean") -> torch.Tensor:
+    """(B, I) the standardised prior of each input (its newest `max_items` items) for every item: form 'mean',
+    the cosine between the input's mean item text and the item's; 'max', the item's highest cosine with any one
+    input item (an empty input: a zero row). histories: newest first. unit_item_text: (I, H) L2-normalised."""
+    if form == "mean":
+        return zscore_rows(user_text_vectors(unit_item_text, histories, max_items) @ unit_item_text.T)
+    if form != "max":
+        raise ValueError(f"text prior form {form!r} is not one of {', '.join(PRIOR_FORMS)}")
+    rows = []
+    for h in histories:   # one input at a time: (n, I) cosines, where a batch would hold (B, n, I)
+        h = np.array(h[:max_items], dtype=np.int64)      # a copy: inputs arrive as reversed views
+        rows.append((unit_item_text[torch.as_tensor(h)] @ unit_item_text.T).max(0).values if len(h) else
+                    unit_item_text.new_zeros(unit_item_text.shape[0]))
+    return zscore_rows(torch.stack(rows))
 
 
 def blend(model_scores: torch.Tensor, prior: torch.Tensor, lengths: Sequence[int], weight: float,
@@ -64,26 +78,28 @@ def input_lengths(histories: Sequence[np.ndarray], max_items: int) -> list[int]:
 
 
 def choose_text_prior(score_fn: Callable, prior_fn: Callable, split: Split, users: np.ndarray, max_items: int,
-                      batch_size: int = 256, k: int = 10) -> tuple[tuple[float, float], dict]:
-    """The (text_prior, text_prior_items) with the best validation NDCG@k over `users`, and every grid point's.
-    score_fn(user_idx, histories_oldest_first) -> (B, I) model scores without the prior;
-    prior_fn(histories_newest_first) -> (B, I) standardised text scores. One scoring pass: each batch is
-    scored once and ranked under every grid point. Ties keep the earlier point (weight 0 comes first)."""
-    grid = [(0.0, 0.0)] + [(w, h) for w in PRIOR_WEIGHTS if w > 0 for h in PRIOR_ITEMS]
-    ranks: dict[tuple[float, float], list[np.ndarray]] = {point: [] for point in grid}
+                      batch_size: int = 256, k: int = 10, forms: Sequence[str] = PRIOR_FORMS
+                      ) -> tuple[tuple[float, float, str], dict]:
+    """The (text_prior, text_prior_items, text_prior_form) with the best validation NDCG@k over `users`, and
+    every grid point's. score_fn(user_idx, histories_oldest_first) -> (B, I) model scores without the prior;
+    prior_fn(histories_newest_first, form) -> (B, I) standardised text scores. One scoring pass: each batch is
+    scored once and ranked under every grid point. Ties keep the earlier point (weight 0 first, then 'mean')."""
+    grid = [(0.0, 0.0, forms[0])] + [(w, h, f) for f in forms for w in PRIOR_WEIGHTS if w > 0 for h in PRIOR_ITEMS]
+    ranks: dict[tuple[float, float, str], list[np.ndarray]] = {point: [] for point in grid}
     targets_all = split.targets("val")
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         inputs = split.model_inputs(batch, "val")
         with torch.no_grad():
             model = zscore_rows(torch.as_tensor(score_fn(batch, inputs)).float())
-            prior = prior_fn([np.asarray(h)[::-1] for h in inputs])
+            newest_first = [np.asarray(h)[::-1] for h in inputs]
+            priors = {form: prior_fn(newest_first, form) for form in forms}
         mask = exclusion_mask(split, batch, "val")
         targets = torch.as_tensor(targets_all[batch])
         lengths = input_lengths(inputs, max_items)
-        for weight, items in grid:
-            scores = model + prior_weights(lengths, weight, items) * prior if weight else model
-            ranks[(weight, items)].append(ranks_from_scores(scores, targets, mask).numpy())
+        for weight, items, form in grid:
+            scores = model + prior_weights(lengths, weight, items) * priors[form] if weight else model
+            ranks[(weight, items, form)].append(ranks_from_scores(scores, targets, mask).numpy())
     table = {point: metrics_from_ranks(np.concatenate(r) if r else np.zeros(0), ks=(k,)).get(f"ndcg@{k}", 0.0)
              for point, r in ranks.items()}
     best = max(grid, key=lambda p: (table[p], -grid.index(p)))

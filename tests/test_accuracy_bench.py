@@ -168,8 +168,11 @@ def test_paired_bootstrap_known_answers():
 def test_text_prior_line_names_each_rows_choice_per_seed_and_skips_rows_that_never_chose_one():
     from raysparse.bench.accuracy import text_prior_line
 
-    per_seed = [{"ours:fused": {"text_prior": [0.5, 8.0]}, "ours:ids": {"text_prior": [0.0, 0.0]}, "sasrec": {}},
-                {"ours:fused": {"text_prior": [0.0, 0.0]}, "ours:ids": {"text_prior": [0.0, 0.0]}, "sasrec": {}}]
-    assert text_prior_line(per_seed) == ("\n\nText prior chosen on each seed's validation "
-                                         "(text_prior/text_prior_items): Fused: ids + text + DMF (ours): 0.5/8, 0/0")
+    per_seed = [{"ours:fused": {"text_prior": [0.5, 8.0, "max"]}, "ours:ids": {"text_prior": [0.0, 0.0, "mean"]},
+                 "sasrec": {}},
+                {"ours:fused": {"text_prior": [0.0, 0.0, "mean"]}, "ours:ids": {"text_prior": [0.0, 0.0, "mean"]},
+                 "sasrec": {}},
+                {"ours:fused": {"text_prior": [1.0, 2.0]}, "sasrec": {}}]           # a run before the form
+    assert text_prior_line(per_seed) == ("\n\nText prior chosen on each seed's validation (text_prior/"
+                                         "text_prior_items form): Fused: ids + text + DMF (ours): 0.5/8 max, 0/0, 1/2")
     assert text_prior_line([{"ours:ids": {"text_prior": [0.0, 0.0]}}]) == ""

@@ -281,7 +281,7 @@ def test_run_baselines_reports_tuned_params_and_both_stages():
     # SASRec + text prior: weight 0 (SASRec alone) is in its grid, so validation can only rise; the chosen
     # blend's validation NDCG@10 is what evaluate() reports for it.
     blended = results["sasrec_text"]
-    assert set(blended["params"]) == {"weight", "items"}
+    assert set(blended["params"]) == {"weight", "items", "form"} and blended["params"]["form"] in ("mean", "max")
     assert blended["val"]["overall"]["ndcg@10"] >= results["sasrec"]["val"]["overall"]["ndcg@10"] - 1e-9
     assert blended["val"]["overall"]["ndcg@10"] == pytest.approx(blended["tune_val_ndcg@10"])
 

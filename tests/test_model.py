@@ -18,6 +18,7 @@ from raysparse.data.text import render_item_texts
 from raysparse.errors import UnknownIdError, UserError
 from raysparse.local import build_recommender, run_local
 from raysparse.recommender import Recommender
+from raysparse.text_prior import blend, input_lengths, text_scores
 
 
 def checkerboard(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -163,16 +164,25 @@ def test_text_prior_reaches_every_scoring_path_and_the_artifact(trained, tmp_pat
     torch.testing.assert_close(plain, rec.score_users(users, inputs, text_prior=False))
     original = rec.config
     try:
-        rec.config = rec.config.replace(**{"model.text_prior": 1.0, "model.text_prior_items": 2.0})
-        blended = rec.score_users(users, inputs)
-        assert not torch.allclose(blended, plain)
-        for row, u in enumerate(users):
-            served = rec.recommend(user_ids=[rec.users.raw_ids[u]],
-                                   histories=[[rec.items.raw_ids[split.val_item[u]]]], k=5, exclude_seen=False)[0]
-            assert [r.item_id for r in served] == [rec.items.raw_ids[int(i)] for i in torch.topk(blended[row], 5).indices]
-        loaded = Recommender.load(rec.save(tmp_path / "artifact"))
-        assert loaded.config.model.text_prior == 1.0 and loaded.config.model.text_prior_items == 2.0
-        torch.testing.assert_close(loaded.score_users(users, inputs), blended, atol=1e-4, rtol=1e-4)
+        for form in ("mean", "max"):
+            rec.config = original.replace(**{"model.text_prior": 1.0, "model.text_prior_items": 2.0,
+                                             "model.text_prior_form": form})
+            blended = rec.score_users(users, inputs)
+            assert not torch.allclose(blended, plain)
+            newest_first = [np.asarray(h)[::-1] for h in inputs]
+            cap = rec.config.data.max_history
+            expected = blend(plain, text_scores(rec.unit_item_text, newest_first, cap, form),
+                             input_lengths(newest_first, cap), 1.0, 2.0)
+            torch.testing.assert_close(blended, expected)         # the configured form, not the other one
+            for row, u in enumerate(users):
+                served = rec.recommend(user_ids=[rec.users.raw_ids[u]], k=5, exclude_seen=False,
+                                       histories=[[rec.items.raw_ids[split.val_item[u]]]])[0]
+                assert [r.item_id for r in served] == [rec.items.raw_ids[int(i)]
+                                                       for i in torch.topk(blended[row], 5).indices]
+            loaded = Recommender.load(rec.save(tmp_path / form))
+            assert (loaded.config.model.text_prior, loaded.config.model.text_prior_items,
+                    loaded.config.model.text_prior_form) == (1.0, 2.0, form)
+            torch.testing.assert_close(loaded.score_users(users, inputs), blended, atol=1e-4, rtol=1e-4)
     finally:
         rec.config = original
 

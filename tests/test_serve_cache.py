@@ -28,14 +28,17 @@ def all_warm_answers(rec: Recommender, k: int, exclude_seen: bool = True) -> lis
     return [rec.top_k(user_idx=[u], k=k, exclude_seen=exclude_seen)[0] for u in range(len(rec.users))]
 
 
-@pytest.mark.parametrize("text_prior", [0.0, 1.0])
-def test_cached_warm_answers_equal_the_uncached_ones_to_the_bit(artifacts, text_prior):
+@pytest.mark.parametrize("text_prior,form", [(0.0, "mean"), (1.0, "mean"), (1.0, "max")])
+def test_cached_warm_answers_equal_the_uncached_ones_to_the_bit(artifacts, text_prior, form):
     uncached, cached = Recommender.load(artifacts[0]), Recommender.load(artifacts[0])
     for rec in (uncached, cached):
-        rec.config = rec.config.replace(**{"model.text_prior": text_prior, "model.text_prior_items": 2.0})
+        rec.config = rec.config.replace(**{"model.text_prior": text_prior, "model.text_prior_items": 2.0,
+                                           "model.text_prior_form": form})
     cached.cache_known_users()
     assert uncached.user_cache is None and cached.user_cache.vectors.shape == (120, cached.item_vectors.shape[1])
-    assert (cached.user_cache.texts is not None) == (text_prior > 0)
+    # The 'max' form's user side is the history itself: nothing to cache beside the user vectors.
+    assert (cached.user_cache.texts is not None) == (text_prior > 0 and form == "mean")
+    assert cached._cached([0])
     for k, exclude_seen in ((5, True), (40, False)):
         assert all_warm_answers(cached, k, exclude_seen) == all_warm_answers(uncached, k, exclude_seen)
     # Paths the cache does not cover still give the uncached answers: new interactions, exclusions.

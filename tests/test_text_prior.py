@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from raysparse.data.dataset import index_interactions
@@ -45,15 +46,54 @@ def test_text_prior_ranks_the_item_whose_text_matches_the_input_first():
 def test_choice_on_validation_takes_the_prior_when_only_text_knows_and_declines_it_otherwise():
     split, unit = _planted()
     users = split.evaluated_users
-    prior_fn = lambda histories: text_scores(unit, histories, 50)
+    prior_fn = lambda histories, form: text_scores(unit, histories, 50, form)
     blank = lambda u, inputs: torch.zeros(len(u), split.n_items)
-    (weight, items), table = choose_text_prior(blank, prior_fn, split, users, max_items=50)
-    assert (weight, items) == (0.25, 0.0)              # the first point that ranks every target first
-    assert table[(0.25, 0.0)] == 1.0
-    assert table[(0.0, 0.0)] < 0.35                     # ties count against the target: 8 items tie
+    choice, table = choose_text_prior(blank, prior_fn, split, users, max_items=50)
+    assert choice == (0.25, 0.0, "mean")               # the first point that ranks every target first
+    assert table[(0.25, 0.0, "mean")] == 1.0
+    assert table[(0.0, 0.0, "mean")] < 0.35             # ties count against the target: 8 items tie
     # A model that already ranks the validation item first: every point scores 1.0 and the choice stays 0.
     targets = torch.as_tensor(split.val_item[users])
     oracle = lambda u, inputs: torch.nn.functional.one_hot(targets[torch.as_tensor(np.searchsorted(users, u))],
                                                            split.n_items).float()
-    (weight, items), table = choose_text_prior(oracle, prior_fn, split, users, max_items=50)
-    assert (weight, items) == (0.0, 0.0) and table[(0.0, 0.0)] == 1.0
+    choice, table = choose_text_prior(oracle, prior_fn, split, users, max_items=50)
+    assert choice == (0.0, 0.0, "mean") and table[(0.0, 0.0, "mean")] == 1.0
+
+
+def _two_topic_inputs():
+    # User u reads a_u (topic 2u), then b_u (topic 2u+1), then a_u's text twin (validation), then m_u (test), whose
+    # text sits halfway between the two topics. Items 4u..4u+3 = a_u, b_u, twin, m_u.
+    rows = [(f"u{u}", f"i{4 * u + j}", j) for u in range(3) for j in range(4)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    log = index_interactions(frame, pd.DataFrame({"item_id": [f"i{i}" for i in range(12)]}))
+    split = split_last_item(log, cohort_fraction=0.0)
+    topic = torch.eye(6)
+    emb = []
+    for u in range(3):
+        a, b = topic[2 * u], topic[2 * u + 1]
+        emb += [a, b, a, (a + b) / 2]
+    return split, torch.nn.functional.normalize(torch.stack(emb), dim=-1)
+
+
+def test_max_form_keeps_each_input_topic_where_the_mean_blurs_them():
+    split, unit = _two_topic_inputs()
+    histories = [split.history(u)[::-1] for u in range(3)]
+    for u in range(3):
+        inputs = {4 * u, 4 * u + 1}
+        by_mean = [i for i in torch.argsort(text_scores(unit, histories, 50, "mean")[u], descending=True).tolist()
+                   if i not in inputs]
+        by_max = [i for i in torch.argsort(text_scores(unit, histories, 50, "max")[u], descending=True).tolist()
+                  if i not in inputs]
+        assert by_mean[0] == 4 * u + 3          # the mean of two orthogonal topics is the halfway item (cosine 1)
+        assert by_max[0] == 4 * u + 2           # the max keeps a_u's twin (cosine 1; the halfway item: 0.71)
+    with pytest.raises(ValueError, match="not one of mean, max"):
+        text_scores(unit, histories, 50, "median")
+
+
+def test_choice_on_validation_takes_the_form_that_finds_the_target():
+    split, unit = _two_topic_inputs()
+    prior_fn = lambda histories, form: text_scores(unit, histories, 50, form)
+    blank = lambda u, inputs: torch.zeros(len(u), split.n_items)
+    choice, table = choose_text_prior(blank, prior_fn, split, split.evaluated_users, max_items=50)
+    assert choice == (0.25, 0.0, "max") and table[choice] == 1.0
+    assert table[(0.25, 0.0, "mean")] < 1.0

@@ -119,7 +119,8 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
     ranks = full_ranks(rec.score_users, prepared.split, users, "test")
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
             "seconds": seconds, "test_ranks": ranks.tolist(),
-            "text_prior": [rec.config.model.text_prior, rec.config.model.text_prior_items],
+            "text_prior": [rec.config.model.text_prior, rec.config.model.text_prior_items,
+                           rec.config.model.text_prior_form],
             "test_cohort_k": prepared.split.cohort_k[users].tolist()}
 
 
@@ -469,15 +470,21 @@ def goal_lines(agg: dict[str, dict], per_seed: list[dict] | None = None) -> list
 
 
 def text_prior_line(per_seed: list[dict]) -> str:
-    """Which text prior (text_prior/text_prior_items) each of our rows chose on each seed's validation; rows
-    that never chose one (no text, or 0 every time) are left out."""
+    """Which text prior (text_prior/text_prior_items and, when on, text_prior_form) each of our rows chose on each
+    seed's validation; rows that never chose one (no text, or 0 every time) are left out."""
     shown = []
     for row in (per_seed[0] if per_seed else {}):
         values = [s[row].get("text_prior") for s in per_seed if row in s]
         if row.startswith("ours:") and any(v and v[0] for v in values):
-            shown.append(f"{ROW_LABELS.get(row, row)}: " + ", ".join(f"{v[0]:g}/{v[1]:g}" for v in values if v))
-    return ("\n\nText prior chosen on each seed's validation (text_prior/text_prior_items): " + "; ".join(shown)
+            shown.append(f"{ROW_LABELS.get(row, row)}: " + ", ".join(_prior_text(v) for v in values if v))
+    return ("\n\nText prior chosen on each seed's validation (text_prior/text_prior_items form): " + "; ".join(shown)
             if shown else "")
+
+
+def _prior_text(choice: list) -> str:
+    """[0.5, 8.0, 'max'] -> '0.5/8 max'; the form only when the prior is on (runs before the form: 2 values)."""
+    form = f" {choice[2]}" if len(choice) > 2 and choice[0] else ""
+    return f"{choice[0]:g}/{choice[1]:g}{form}"
 
 
 def _interval_text(test: dict | None) -> str:

@@ -391,21 +391,21 @@ class EASETextBlend:
 
 class TextPriorBlend:
     """A fitted model + our zero-shot text prior (raysparse.text_prior), blended exactly as our model blends
-    it: z(model) + w(n) · z(text cosine of the input's mean item text), w(n) = weight · items / (items + n).
-    Chosen on validation with the same grid as ours, so 'SASRec + text prior' answers whether our gain is only
-    the prior."""
+    it: z(model) + w(n) · z(text match of the input's items, form 'mean' or 'max'), w(n) = weight · items /
+    (items + n). Chosen on validation with the same grid as ours, so 'SASRec + text prior' answers whether our
+    gain is only the prior."""
 
     def __init__(self, base: Any, item_emb: np.ndarray, weight: float = 0.0, items: float = 0.0,
-                 max_items: int = 50):
-        self.base, self.weight, self.items, self.max_items = base, weight, items, max_items
+                 max_items: int = 50, form: str = "mean"):
+        self.base, self.weight, self.items, self.max_items, self.form = base, weight, items, max_items, form
         self.unit = F.normalize(torch.as_tensor(np.asarray(item_emb, np.float32)), dim=-1)
         self.fit_seconds = getattr(base, "fit_seconds", 0.0)
 
     def fit(self, split: Split) -> "TextPriorBlend":
         return self  # the base model is fitted already; the blend has nothing to fit
 
-    def prior(self, histories_newest_first: Sequence[np.ndarray]) -> torch.Tensor:
-        return text_scores(self.unit, histories_newest_first, self.max_items)
+    def prior(self, histories_newest_first: Sequence[np.ndarray], form: str | None = None) -> torch.Tensor:
+        return text_scores(self.unit, histories_newest_first, self.max_items, form or self.form)
 
     def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> torch.Tensor:
         scores = torch.as_tensor(self.base.score(user_idx, histories)).float()
@@ -418,15 +418,18 @@ class TextPriorBlend:
     @classmethod
     def search(cls, base: Any, split: Split, item_emb: np.ndarray, grid: Grid | None = None
                ) -> tuple[dict, float, "TextPriorBlend"]:
-        """grid None: choose (weight, items) on validation like ours (one scoring pass); a one-point grid
-        {"weight": [w], "items": [h]} (a later seed reusing the first seed's choice) is taken as given."""
+        """grid None: choose (weight, items, form) on validation like ours (one scoring pass); a one-point grid
+        {"weight": [w], "items": [h], "form": [f]} (a later seed reusing the first seed's choice) is taken as
+        given."""
         model = cls(base, item_emb)
         if grid:
             model.weight, model.items = grid["weight"][0], grid["items"][0]
-            return {"weight": model.weight, "items": model.items}, validation_ndcg10(model, split), model
-        (model.weight, model.items), table = choose_text_prior(base.score, model.prior, split,
-                                                               split.evaluated_users, model.max_items)
-        return {"weight": model.weight, "items": model.items}, table[(model.weight, model.items)], model
+            model.form = grid.get("form", ["mean"])[0]
+            params = {"weight": model.weight, "items": model.items, "form": model.form}
+            return params, validation_ndcg10(model, split), model
+        point, table = choose_text_prior(base.score, model.prior, split, split.evaluated_users, model.max_items)
+        model.weight, model.items, model.form = point
+        return {"weight": model.weight, "items": model.items, "form": model.form}, table[point], model
 
 
 # --------------------------------------------------------------------------------------------------------------
