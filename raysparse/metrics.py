@@ -53,6 +53,13 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str,
     return out
 
 
+def user_ndcg(ranks, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k (N,) from the 1-based ranks (N,) of their single held-out item; the mean is
+    `metrics_from_ranks`' ndcg@k."""
+    ranks = np.asarray(ranks, np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
 def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:
     """Full-ranking ranks of each user's held-out item, scored from `split.model_input` (the training history,
     + the validation item at test); everything in that input is excluded from the ranking."""

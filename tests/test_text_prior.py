@@ -7,7 +7,7 @@ import torch
 
 from raysparse.data.dataset import index_interactions
 from raysparse.data.split import split_last_item
-from raysparse.text_prior import choose_text_prior, prior_weights, text_scores, zscore_rows
+from raysparse.text_prior import choose_text_prior, paired_z, prior_weights, text_scores, zscore_rows
 
 
 def test_prior_weight_fades_with_the_input_length_and_is_constant_when_items_is_zero():
@@ -97,3 +97,24 @@ def test_choice_on_validation_takes_the_form_that_finds_the_target():
     choice, table = choose_text_prior(blank, prior_fn, split, split.evaluated_users, max_items=50)
     assert choice == (0.25, 0.0, "max") and table[choice] == 1.0
     assert table[(0.25, 0.0, "mean")] < 1.0
+
+
+def test_a_later_form_that_wins_by_less_than_validation_noise_is_not_taken():
+    # 'max' here is the mean prior plus a hint that finds the target for user 0 only: a higher validation NDCG
+    # (one user of three gains, z = 1.0), not a paired win beyond PRIOR_FORM_MIN_Z.
+    split, unit = _two_topic_inputs()
+
+    def prior_fn(histories, form):
+        prior = text_scores(unit, histories, 50, "mean")
+        if form == "max":
+            for row, h in enumerate(histories):
+                if 0 in set(np.asarray(h).tolist()):
+                    prior[row, 2] = prior[row].max() + 1.0
+        return prior
+
+    blank = lambda u, inputs: torch.zeros(len(u), split.n_items)
+    choice, table = choose_text_prior(blank, prior_fn, split, split.evaluated_users, max_items=50)
+    best_max = max(table[p] for p in table if p[2] == "max")
+    assert best_max > table[choice] and choice[2] == "mean"
+    assert paired_z(np.array([0.37, 0.0, 0.0])) == pytest.approx(1.0)
+    assert paired_z(np.array([0.2, 0.2])) == float("inf") and paired_z(np.array([-0.1, 0.3, -0.4])) == float("-inf")

@@ -39,7 +39,7 @@ from raysparse.build import build_batches, prepare_data
 from raysparse.config import load_config
 from raysparse.errors import UserError
 from raysparse.local import run_local
-from raysparse.metrics import flatten, full_ranks
+from raysparse.metrics import flatten, full_ranks, user_ndcg
 from raysparse.model.text import cached_item_embeddings, load_encoder, resolve_text_model
 from raysparse.recommender import Recommender
 from raysparse.step import keep_freed_memory
@@ -390,11 +390,6 @@ def markdown_table(agg: dict[str, dict], metric: str = "ndcg@10", stage: str = "
             cells.append(f"**{cell}**" if mean == best[g] else cell)
         lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(cells) + f" | {m['seconds'][0]:.0f} |")
     return "\n".join(lines)
-
-
-def user_ndcg(ranks, k: int = 10) -> np.ndarray:
-    ranks = np.asarray(ranks, np.float64)
-    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
 
 
 def paired_bootstrap(per_seed: list[dict], ours: str, other: str, group: str, draws: int = 2000,
