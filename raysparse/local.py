@@ -75,9 +75,9 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
 
 
 def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[[str], None] = print) -> bool:
-    """Choose model.text_prior / text_prior_items / text_prior_form on validation (train.choose_text_prior) and set them on
-    `rec.config`, so the scores, the metrics and the saved artifact all carry the choice. False (nothing
-    chosen) for a model without text."""
+    """Choose model.text_prior / text_prior_items / text_prior_form on validation (train.choose_text_prior)
+    and set them on `rec.config`, so the scores, the metrics and the saved artifact all carry the choice. False
+    (nothing chosen) for a model without text."""
     if rec.model.text is None:
         return False
     rec.refresh()
