@@ -128,8 +128,8 @@ def choose_text_prior(score_fn: Callable, prior_fn: Callable, split: Split, user
 def paired_z(differences: np.ndarray) -> float:
     """Mean of per-user differences over its standard error (-inf for none or a mean <= 0; +inf for a positive
     difference equal for every user)."""
-    n, mean = len(differences), float(np.mean(differences)) if len(differences) else 0.0
-    if n == 0 or mean <= 0:
+    n = len(differences)
+    if n == 0 or np.mean(differences) <= 0:
         return float("-inf")
     se = float(np.std(differences, ddof=1)) / np.sqrt(n) if n > 1 else 0.0
-    return mean / se if se > 0 else float("inf")
+    return float(np.mean(differences)) / se if se > 0 else float("inf")

@@ -159,19 +159,26 @@ def test_text_prior_reaches_every_scoring_path_and_the_artifact(trained, tmp_pat
     split = rec.builder.split
     users = split.evaluated_users[:4]
     inputs = split.model_inputs(users, "test")
+    newest_first = [np.asarray(h)[::-1] for h in inputs]
+    cap = rec.config.data.max_history
+    # The tiny random encoder gives every item nearly the same text vector (cosines > 0.9999), so the two forms
+    # would coincide: the prior's item side is planted instead (random unit vectors), where they differ.
+    planted = torch.nn.functional.normalize(torch.randn(split.n_items, 8, generator=torch.Generator().manual_seed(0)),
+                                            dim=-1)
+    by_form = {form: text_scores(planted, newest_first, cap, form) for form in ("mean", "max")}
+    assert (by_form["mean"] - by_form["max"]).abs().max() > 0.5
     plain = rec.score_users(users, inputs)
     assert rec.config.model.text_prior == 0.0
     torch.testing.assert_close(plain, rec.score_users(users, inputs, text_prior=False))
-    original = rec.config
+    original, original_text = rec.config, rec.unit_item_text
+    rec.unit_item_text = planted
     try:
         for form in ("mean", "max"):
             rec.config = original.replace(**{"model.text_prior": 1.0, "model.text_prior_items": 2.0,
                                              "model.text_prior_form": form})
             blended = rec.score_users(users, inputs)
             assert not torch.allclose(blended, plain)
-            newest_first = [np.asarray(h)[::-1] for h in inputs]
-            cap = rec.config.data.max_history
-            expected = blend(plain, text_scores(rec.unit_item_text, newest_first, cap, form),
+            expected = blend(plain, text_scores(planted, newest_first, cap, form),
                              input_lengths(newest_first, cap), 1.0, 2.0)
             torch.testing.assert_close(blended, expected)         # the configured form, not the other one
             for row, u in enumerate(users):
@@ -182,9 +189,10 @@ def test_text_prior_reaches_every_scoring_path_and_the_artifact(trained, tmp_pat
             loaded = Recommender.load(rec.save(tmp_path / form))
             assert (loaded.config.model.text_prior, loaded.config.model.text_prior_items,
                     loaded.config.model.text_prior_form) == (1.0, 2.0, form)
+            loaded.unit_item_text = planted
             torch.testing.assert_close(loaded.score_users(users, inputs), blended, atol=1e-4, rtol=1e-4)
     finally:
-        rec.config = original
+        rec.config, rec.unit_item_text = original, original_text
 
 
 def test_choose_text_prior_sets_the_validation_choice_on_the_trained_model(frames, tiny_encoder, tmp_path):
