@@ -1,6 +1,7 @@
 """Config validation messages and history-text construction."""
 
 import pytest
+import torch
 
 from raysparse.config import ConfigError, config_from_dict, describe_config, load_config
 from raysparse.data.text import ItemText, render_item_texts
@@ -84,3 +85,15 @@ def test_removed_options_load_at_their_kept_value_and_refuse_the_removed_behavio
         config_from_dict({"model": {"gate": True}})
     with pytest.raises(ConfigError, match=r"model.score='cosine': this option was removed"):
         config_from_dict({"model": {"score": "cosine"}})
+
+
+def test_the_tiny_encoders_tokenizer_gives_each_word_its_own_token(tmp_path):
+    """Known answer: under transformers 5 the tiny tokenizer was built from an ignored argument and read every
+    word as [UNK], so every test's item texts were the same text to the encoder."""
+    from raysparse.model.text import build_tiny_encoder, load_encoder
+
+    _, tokenizer = load_encoder(build_tiny_encoder(tmp_path / "enc", ["Galaxy rocket.", "castle dragon"]))
+    ids = tokenizer("galaxy rocket castle dragon . comet")["input_ids"]
+    words, unknown = ids[1:-2], ids[-2]
+    assert len(set(words)) == 5 and tokenizer.unk_token_id not in words
+    assert unknown == tokenizer.unk_token_id                 # a word the texts never had

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import queue
-import re
 import shutil
 import socket
 import threading
@@ -47,7 +46,7 @@ from raysparse.engine import batch_to_device, build_engine, deepspeed_config, en
 from raysparse.errors import ConfigError
 from raysparse.local import build_recommender
 from raysparse.loop import train_local
-from raysparse.model.text import build_tiny_encoder
+from raysparse.model.text import build_tiny_encoder, write_word_tokenizer
 from raysparse.step import compute_loss
 
 
@@ -232,14 +231,11 @@ def _write_encoder(folder: Path, texts: list[str], tiny: bool) -> str:
     wide, 12 heads, FFN 3072) or, with tiny, 2 layers of 32. No download."""
     if tiny:
         return build_tiny_encoder(folder, texts, hidden=32, layers=2)
-    from transformers import BertConfig, BertModel, BertTokenizerFast  # heavy (seconds); only this path needs it
+    from transformers import BertConfig, BertModel  # heavy (seconds); only this path needs it
 
-    folder.mkdir(parents=True, exist_ok=True)
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    vocab_size = write_word_tokenizer(folder, texts)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=512)
     BertModel(config).save_pretrained(folder)
     return str(folder)

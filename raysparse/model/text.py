@@ -57,20 +57,38 @@ def load_encoder(name: str, trust_remote_code: bool = False):
     return encoder, tokenizer
 
 
-def build_tiny_encoder(folder: str | Path, texts: Sequence[str], hidden: int = 32, layers: int = 2,
-                       seed: int = 0) -> str:
-    """Write a tiny random BERT + WordPiece tokenizer whose vocabulary covers `texts` (tests, demo, CI).
-    No network: the vocabulary is built from the words themselves."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+def write_word_tokenizer(folder: str | Path, texts: Sequence[str]) -> int:
+    """Save a lower-casing WordPiece tokenizer to `folder` whose vocabulary is the special tokens + every word and
+    punctuation mark of `texts`, so each word is its own token. Returns the vocabulary size.
+
+    transformers 5 builds a fast BERT tokenizer from `vocab` and ignores 4.x's `vocab_file` (the result knew
+    only the 5 special tokens and read every word as [UNK]); both are passed, each version takes its own."""
+    from transformers import BertTokenizerFast
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), vocab=str(vocab_file), do_lower_case=True)
+    if tokenizer.vocab_size != len(vocab):
+        raise RuntimeError(f"the tokenizer built from {vocab_file} has {tokenizer.vocab_size} tokens, not "
+                           f"{len(vocab)}: this transformers version reads the vocabulary another way; "
+                           f"update raysparse.model.text.write_word_tokenizer.")
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def build_tiny_encoder(folder: str | Path, texts: Sequence[str], hidden: int = 32, layers: int = 2,
+                       seed: int = 0) -> str:
+    """Write a tiny random BERT + WordPiece tokenizer whose vocabulary covers `texts` (tests, demo, CI).
+    No network: the vocabulary is built from the words themselves."""
+    from transformers import BertConfig, BertModel
+
+    vocab_size = write_word_tokenizer(folder, texts)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=max(1, hidden // 16), intermediate_size=hidden * 2,
                         max_position_embeddings=512)
     BertModel(config).save_pretrained(folder)
