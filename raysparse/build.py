@@ -71,7 +71,8 @@ def build_model(config: Config, n_users: int, n_items: int, item_texts: list[str
         return HybridRecommender(mc, n_users, n_items, max_history=config.data.max_history), None, None
     encoder, tokenizer = load_encoder(mc.text_model, mc.trust_remote_code)
     item_emb = cached_item_embeddings(encoder, tokenizer, item_texts, mc.pooling,
-                                      resolve_text_model(mc.text_model), cache_dir)
+                                      resolve_text_model(mc.text_model), cache_dir,
+                                      max_length=config.data.item_text_tokens)
     tower = TextTower(encoder, mc.pooling, mc.finetune, mc.finetune_top_layers, mc.text_user_dim,
                       config.data.max_history, item_emb)
     item_text = ItemText.build(tokenizer, item_texts)

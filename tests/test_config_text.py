@@ -87,6 +87,28 @@ def test_removed_options_load_at_their_kept_value_and_refuse_the_removed_behavio
         config_from_dict({"model": {"score": "cosine"}})
 
 
+def test_item_texts_are_cut_at_item_text_tokens_and_cached_per_budget(tmp_path):
+    """Known answer: two item texts that agree on their first words and differ after them embed identically
+    under a budget that ends inside the shared part and differently under one that reaches the difference;
+    each budget has its own cache file, and a cached table equals a fresh encoding."""
+    from raysparse.model.text import build_tiny_encoder, cached_item_embeddings, encode_texts, load_encoder
+
+    shared = "alpha beta gamma delta epsilon zeta eta theta"              # 8 words: [CLS] + 8 + [SEP] = 10
+    texts = [f"{shared} iota kappa", f"{shared} lambda mu"]
+    encoder, tokenizer = load_encoder(build_tiny_encoder(tmp_path / "enc", texts))
+    cache = tmp_path / "cache"
+    short = cached_item_embeddings(encoder, tokenizer, texts, "mean", "tiny", cache, max_length=8)
+    full = cached_item_embeddings(encoder, tokenizer, texts, "mean", "tiny", cache, max_length=32)
+    torch.testing.assert_close(short[0], short[1])            # cut inside the shared words: one text
+    assert not torch.allclose(full[0], full[1])               # the words after them count
+    assert len(list(cache.glob("item_text_*.safetensors"))) == 2
+    torch.testing.assert_close(cached_item_embeddings(encoder, tokenizer, texts, "mean", "tiny", cache,
+                                                      max_length=8),
+                               encode_texts(encoder, tokenizer, texts, "mean", max_length=8))
+    with pytest.raises(ConfigError, match="item_text_tokens"):
+        config_from_dict({"data": {"item_text_tokens": 4}})
+
+
 def test_the_tiny_encoders_tokenizer_gives_each_word_its_own_token(tmp_path):
     """Known answer: under transformers 5 the tiny tokenizer was built from an ignored argument and read every
     word as [UNK], so every test's item texts were the same text to the encoder."""

@@ -128,7 +128,8 @@ def item_text_embeddings(config, prepared) -> np.ndarray:
     """Frozen-encoder embedding of each item's text (the same cached table our text tower reads)."""
     encoder, tokenizer = load_encoder(config.model.text_model, config.model.trust_remote_code)
     emb = cached_item_embeddings(encoder, tokenizer, prepared.item_texts, config.model.pooling,
-                                 resolve_text_model(config.model.text_model), config.data.resolved_cache_dir)
+                                 resolve_text_model(config.model.text_model), config.data.resolved_cache_dir,
+                                 max_length=config.data.item_text_tokens)
     return emb.numpy()
 
 

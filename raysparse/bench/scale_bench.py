@@ -176,7 +176,8 @@ def _child(settings: dict) -> None:
     cached_before = len(list(cache.glob("item_text_*.safetensors"))) if cache.exists() else 0
     encoder, tokenizer = load_encoder(config.model.text_model, config.model.trust_remote_code)
     emb = cached_item_embeddings(encoder, tokenizer, prepared.item_texts, config.model.pooling,
-                                 resolve_text_model(config.model.text_model), cache, progress=True)
+                                 resolve_text_model(config.model.text_model), cache, progress=True,
+                                 max_length=config.data.item_text_tokens)
     cached_after = len(list(cache.glob("item_text_*.safetensors")))
     del encoder
     _emit("text features", time.perf_counter() - t, memory, int(emb.shape[0]),

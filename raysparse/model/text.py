@@ -144,15 +144,17 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: s
 
 
 def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, model_name: str,
-                           cache_dir: str | Path | None, progress: bool | None = None) -> torch.Tensor:
-    """encode_texts, cached on disk by (model, pooling, texts) so Tune trials and reruns reuse it."""
+                           cache_dir: str | Path | None, progress: bool | None = None,
+                           max_length: int = 64) -> torch.Tensor:
+    """encode_texts (each text cut to max_length tokens: data.item_text_tokens), cached on disk by (model,
+    pooling, max_length, texts) so Tune trials and reruns reuse it."""
     if not cache_dir:
-        return encode_texts(encoder, tokenizer, texts, pooling, progress=progress)
-    key = hashlib.sha256(json.dumps([model_name, pooling, list(texts)]).encode()).hexdigest()[:20]
+        return encode_texts(encoder, tokenizer, texts, pooling, max_length=max_length, progress=progress)
+    key = hashlib.sha256(json.dumps([model_name, pooling, max_length, list(texts)]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"item_text_{key}.safetensors"
     if path.exists():
         return load_file(str(path))["embeddings"]
-    emb = encode_texts(encoder, tokenizer, texts, pooling, progress=progress)
+    emb = encode_texts(encoder, tokenizer, texts, pooling, max_length=max_length, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"embeddings": emb.contiguous()}, str(tmp))
