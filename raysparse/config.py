@@ -39,6 +39,11 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
+# The text prior's forms (raysparse.text_prior): 'mean' is tried first, 'max' replaces it only beyond
+# validation noise. Here, not there, so that the config check needs no torch.
+PRIOR_FORMS = ("mean", "max")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = option("", "Dataset directory in the standard schema (interactions.* + items.*), or an interactions "
@@ -152,7 +157,7 @@ class ModelConfig:
         _choice("model.variant", self.variant, ("fused", "dmf", "text", "ids", "ids_text"))
         _choice("model.pooling", self.pooling, ("cls", "mean"))
         _choice("model.finetune", self.finetune, ("full", "top", "frozen"))
-        _choice("model.text_prior_form", self.text_prior_form, ("mean", "max"))
+        _choice("model.text_prior_form", self.text_prior_form, PRIOR_FORMS)
         _choice("model.history_encoder", self.history_encoder, ("bag", "attention"))
         _choice("model.fusion", self.fusion, ("concat", "residual"))
         if self.fusion == "residual" and self.history_encoder != "attention":

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from raysparse.config import PRIOR_FORMS
 from raysparse.data.split import Split
 from raysparse.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores, user_ndcg
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 PRIOR_ITEMS = (0.0, 2.0, 8.0)
-PRIOR_FORMS = ("mean", "max")
 # How far a later form's best point must beat the choice before it, in standard errors of the paired per-user
 # validation NDCG difference (one-sided 5%). Without it a few hundred validation users pick 'max' by chance: on
 # ML latest-small (610 users) it won on two of three seeds (z 0.56 and 0.76) and lost on test on all three,

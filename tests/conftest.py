@@ -37,6 +37,15 @@ def frames():
 
 
 @pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory, frames):
+    """The planted frames as a parquet folder (interactions + items), as jobs and the CLI read data."""
+    folder = tmp_path_factory.mktemp("planted")
+    frames[0].to_parquet(folder / "interactions.parquet")
+    frames[1].to_parquet(folder / "items.parquet")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory, frames):
     from raysparse.data.text import render_item_texts
     from raysparse.model.text import build_tiny_encoder

@@ -14,7 +14,9 @@ import select
 import signal
 import struct
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 _IN_CREATE, _IN_MOVED_TO, _IN_ISDIR = 0x100, 0x80, 0x40000000
@@ -79,6 +81,20 @@ class RealTime:
     def __exit__(self, *exc) -> None:
         if self.on:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@contextmanager
+def running_beside(watcher, *args):
+    """Run `watcher(*args, done)` in a daemon thread while the body runs (the run a test injects a fault into);
+    `done` (a threading.Event) is set when the body ends, however it ends, and the thread is joined."""
+    done = threading.Event()
+    thread = threading.Thread(target=watcher, args=(*args, done), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def recorded_epoch(run: Path) -> int:

@@ -41,14 +41,6 @@ def tiny_config(tmp_path: Path, data: Path | str, encoder: str, *sets: str):
                               *sets])
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, frames) -> Path:
-    folder = tmp_path_factory.mktemp("planted")
-    frames[0].to_parquet(folder / "interactions.parquet")
-    frames[1].to_parquet(folder / "items.parquet")
-    return folder
-
-
 # ------------------------------------------------------------------------------------------------ DeepSpeed config
 
 def test_deepspeed_config_follows_train_and_ray_sections(tmp_path, tiny_encoder, dataset_dir):
@@ -450,15 +442,11 @@ def test_two_workers_zero2_survive_a_worker_killed_from_outside(ray_instance, tm
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, *_fault_sets(2), "ray.max_failures=1")
     out = tmp_path / "out"
     killed: dict = {}
-    done = threading.Event()
-    killer = threading.Thread(target=_kill_rank1_mid_run, args=(out, epochs, killed, done), daemon=True)
-    killer.start()
+    from faults import running_beside
+
     t0 = time.monotonic()
-    try:
+    with running_beside(_kill_rank1_mid_run, out, epochs, killed):
         summary = run_ray_training(cfg)
-    finally:
-        done.set()
-        killer.join()
     seconds = time.monotonic() - t0
     assert killed, "no worker was killed: the run ended before a checkpoint was recorded with epochs left"
     k = killed["after_epoch"]

@@ -35,14 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TUNE_TINY = ROOT / "configs" / "tune_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, frames) -> Path:
-    folder = tmp_path_factory.mktemp("planted")
-    frames[0].to_parquet(folder / "interactions.parquet")
-    frames[1].to_parquet(folder / "items.parquet")
-    return folder
-
-
 def write_yaml(path: Path, tune: dict | None = None, **sections) -> Path:
     raw = {"output": str(path.parent / "out"), **sections}
     if tune is not None:
@@ -322,22 +314,16 @@ def test_a_sweep_whose_trial_loses_its_worker_finishes_with_the_uninterrupted_re
     trial fail: both trials complete, the killed one restored once, and every trial's losses and validation
     metrics equal those of the same point in the uninterrupted sweep exactly (one worker per trial, seeded
     data order and draws: see tests/test_ray_train.py). <output>/best loads and is the same trial's point."""
-    import threading
+    from faults import running_beside
 
     clean_out, sets, clean = clean_sweep
     out = tmp_path / "sweep"
     config, tc = load_tune_config(TUNE_TINY, [f"output={out}", *sets])
     epochs = config.train.epochs
     killed: dict = {}
-    done = threading.Event()
-    killer = threading.Thread(target=_kill_a_trials_worker, args=(out, epochs, killed, done), daemon=True)
-    killer.start()
     t0 = time.monotonic()
-    try:
+    with running_beside(_kill_a_trials_worker, out, epochs, killed):
         result = run_tune(config, tc)
-    finally:
-        done.set()
-        killer.join()
     end = time.monotonic()
     assert killed, "no trial's worker was killed: the trials ended before one recorded a checkpoint"
     trials = pd.read_csv(out / TRIALS_CSV)
