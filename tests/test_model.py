@@ -161,8 +161,9 @@ def test_text_prior_reaches_every_scoring_path_and_the_artifact(trained, tmp_pat
     inputs = split.model_inputs(users, "test")
     newest_first = [np.asarray(h)[::-1] for h in inputs]
     cap = rec.config.data.max_history
-    # The tiny random encoder gives every item nearly the same text vector (cosines > 0.9999), so the two forms
-    # would coincide: the prior's item side is planted instead (random unit vectors), where they differ.
+    # The prior's item side is planted (random unit vectors), where the two forms differ by a known amount; the
+    # tiny random encoder's text vectors are all alike (cosines > 0.9999 while its tokenizer read every word as
+    # [UNK], 9e6953a), so with them the forms could coincide and the test would not see which one was blended.
     planted = torch.nn.functional.normalize(torch.randn(split.n_items, 8, generator=torch.Generator().manual_seed(0)),
                                             dim=-1)
     by_form = {form: text_scores(planted, newest_first, cap, form) for form in ("mean", "max")}
@@ -260,6 +261,29 @@ def test_recommend_three_paths_exclude_seen_and_raw_ids(trained):
     assert "i001" in {r.item_id for r in everything}
     some = rec.recommend(histories=[["i001"]], k=5, exclude=[fold_in[0].item_id])[0]
     assert fold_in[0].item_id not in {r.item_id for r in some}
+
+
+def test_a_user_described_only_by_text_gets_the_items_of_its_topic(tmp_path, frames, tiny_encoder):
+    """Known answer: the planted items' titles carry their topic's words; after training the shipped design
+    (history attention over item ids + frozen text, residual fusion), a text naming one topic's four words
+    is a one-token user whose top 5 hold at least 4 of that topic's 10 items (chance: 1.25), for every topic.
+    A model that could not read the words (every query the same token sequence) gets one list for all four."""
+    from conftest import TOPIC_WORDS
+
+    cfg = config_from_dict({
+        "output": str(tmp_path), "data": {"text_template": "{title}. {genres}", "max_length": 24,
+                                          "cohort_fraction": 0},
+        "model": {"variant": "fused", "text_model": tiny_encoder, "finetune": "frozen",
+                  "history_encoder": "attention", "fusion": "residual", "attention_dim": 32,
+                  "attention_layers": 1, "attention_heads": 2, "residual_hidden_dim": 16,
+                  "dmf_user_layers": [16], "dmf_item_layers": [16], "dropout": 0.0},
+        "train": {"epochs": 20, "batch_size_per_worker": 32, "negatives_per_positive": 0, "lr": 0.01,
+                  "example_mode": "sequence", "choose_text_prior": False}})
+    rec, _ = run_local(cfg, prepare_data(cfg, frames), log=lambda s: None, save=False)
+    topic_of = {row.item_id: int(row.genres.removeprefix("genre")) for row in frames[1].itertuples()}
+    for topic, words in enumerate(TOPIC_WORDS):
+        top = rec.recommend(texts=[" ".join(words)], k=5)[0]
+        assert sum(topic_of[r.item_id] == topic for r in top) >= 4, (topic, [topic_of[r.item_id] for r in top])
 
 
 def test_recommend_errors_say_what_to_send(trained):
