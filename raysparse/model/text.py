@@ -144,8 +144,8 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: s
 
 
 def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, model_name: str,
-                           cache_dir: str | Path | None, progress: bool | None = None,
-                           max_length: int = 64) -> torch.Tensor:
+                           cache_dir: str | Path | None, progress: bool | None = None, *,
+                           max_length: int) -> torch.Tensor:
     """encode_texts (each text cut to max_length tokens: data.item_text_tokens), cached on disk by (model,
     pooling, max_length, texts) so Tune trials and reruns reuse it."""
     if not cache_dir:
