@@ -119,3 +119,17 @@ def test_the_tiny_encoders_tokenizer_gives_each_word_its_own_token(tmp_path):
     words, unknown = ids[1:-2], ids[-2]
     assert len(set(words)) == 5 and tokenizer.unk_token_id not in words
     assert unknown == tokenizer.unk_token_id                 # a word the texts never had
+
+
+def test_texts_are_encoded_in_length_sorted_batches_and_returned_in_their_order(tmp_path):
+    """Known answer: each text's embedding equals the text encoded alone (no padding at all), whatever the
+    lengths of the texts batched with it, and the rows come back in the order given; no text: no rows."""
+    from raysparse.model.text import build_tiny_encoder, encode_texts, load_encoder
+
+    texts = ["alpha beta gamma delta epsilon zeta", "eta", "theta iota kappa", "lambda", "mu nu xi omicron pi"]
+    encoder, tokenizer = load_encoder(build_tiny_encoder(tmp_path / "enc", texts))
+    together = encode_texts(encoder, tokenizer, texts, "mean", max_length=16, batch_size=2)
+    alone = torch.cat([encode_texts(encoder, tokenizer, [t], "mean", max_length=16) for t in texts])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+    assert encode_texts(encoder, tokenizer, [], "mean").shape == (0, encoder.config.hidden_size)

@@ -124,23 +124,33 @@ def set_trainable(encoder: nn.Module, mode: str, top_layers: int) -> None:
 @torch.no_grad()
 def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, max_length: int = 64,
                  batch_size: int = 128, progress: bool | None = None) -> torch.Tensor:
-    """(N, H) pooled embeddings of `texts` with the encoder in eval mode. progress: a progress bar on stderr;
-    None shows one from PROGRESS_MIN_TEXTS texts on (a 60k-item catalogue takes minutes on a few CPU cores)."""
+    """(N, H) pooled embeddings of `texts` with the encoder in eval mode, in the order given. progress: a
+    progress bar on stderr; None shows one from PROGRESS_MIN_TEXTS texts on (a 60k-item catalogue takes minutes
+    on a few CPU cores).
+
+    Texts are encoded in batches of similar token length (sorted once), so a batch is padded only to the longest
+    of its own kind: on ML latest-small, where a few titles carry long tag lists, a batch in catalogue order pads
+    to 2.9x the real tokens (453,796 positions for 151,958 tokens), sorted to 1.03x. Padding is masked, so each
+    text's embedding is the same either way."""
     from tqdm.auto import tqdm  # a dependency of transformers, which the encoder needs anyway
 
+    if not len(texts):
+        return torch.zeros(0, encoder.config.hidden_size)
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    out = []
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), encoder.config.hidden_size)
     show = len(texts) >= PROGRESS_MIN_TEXTS if progress is None else progress
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {len(texts):,} item texts", unit="batch",
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"encoding {len(texts):,} item texts", unit="batch",
                       disable=not show, mininterval=5.0):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt").to(device)
+        rows = order[start:start + batch_size]
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        out.append(pool(hidden, enc["attention_mask"], pooling).float().cpu())
+        out[rows] = pool(hidden, enc["attention_mask"], pooling).float().cpu()
     encoder.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
+    return out
 
 
 def cached_item_embeddings(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: str, model_name: str,
