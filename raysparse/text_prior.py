@@ -129,7 +129,10 @@ def paired_z(differences: np.ndarray) -> float:
     """Mean of per-user differences over its standard error (-inf for none or a mean <= 0; +inf for a positive
     difference equal for every user)."""
     n = len(differences)
-    if n == 0 or np.mean(differences) <= 0:
+    if n == 0:
+        return float("-inf")
+    mean = float(np.mean(differences))
+    if mean <= 0:
         return float("-inf")
     se = float(np.std(differences, ddof=1)) / np.sqrt(n) if n > 1 else 0.0
-    return float(np.mean(differences)) / se if se > 0 else float("inf")
+    return mean / se if se > 0 else float("inf")

@@ -141,15 +141,18 @@ def encode_texts(encoder: nn.Module, tokenizer, texts: Sequence[str], pooling: s
     device = next(encoder.parameters()).device
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty(len(ids), encoder.config.hidden_size)
+    parts = []
     show = len(texts) >= PROGRESS_MIN_TEXTS if progress is None else progress
     for start in tqdm(range(0, len(ids), batch_size), desc=f"encoding {len(texts):,} item texts", unit="batch",
                       disable=not show, mininterval=5.0):
         rows = order[start:start + batch_size]
         enc = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        out[rows] = pool(hidden, enc["attention_mask"], pooling).float().cpu()
+        parts.append(pool(hidden, enc["attention_mask"], pooling).float().cpu())
     encoder.train(was_training)
+    in_sorted_order = torch.cat(parts)
+    out = torch.empty_like(in_sorted_order)
+    out[order] = in_sorted_order                        # row order[j] of the catalogue is the j-th encoded
     return out
 
 
