@@ -436,14 +436,14 @@ def test_two_workers_zero2_survive_a_worker_killed_from_outside(ray_instance, tm
     last recorded checkpoint and trains the remaining epochs: every epoch once, the restore in the records,
     and exactly the losses and validation metrics of the same run uninterrupted (issue 16; why exactly: see
     the driver-kill test below)."""
+    from faults import running_beside
+
     from raysparse.ray_train import run_ray_training
 
     epochs = FAULT_EPOCHS
     cfg = tiny_config(tmp_path, dataset_dir, tiny_encoder, *_fault_sets(2), "ray.max_failures=1")
     out = tmp_path / "out"
     killed: dict = {}
-    from faults import running_beside
-
     t0 = time.monotonic()
     with running_beside(_kill_rank1_mid_run, out, epochs, killed):
         summary = run_ray_training(cfg)
