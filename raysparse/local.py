@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from raysparse.build import Prepared, build_batches, build_model, prepare_data
 from raysparse.config import Config
 from raysparse.loop import train_local
-from raysparse.metrics import evaluate, flatten
+from raysparse.metrics import evaluate_ranks, flatten
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC
 from raysparse.text_prior import choose_text_prior
@@ -36,10 +37,18 @@ def build_recommender(config: Config, prepared: Prepared, cache_dir: str | None 
 
 
 def validation_metrics(rec: Recommender, prepared: Prepared, stage: str = "val", sampled: bool = False) -> dict:
+    return stage_metrics(rec, prepared, stage, sampled)[0]
+
+
+def stage_metrics(rec: Recommender, prepared: Prepared, stage: str = "val", sampled: bool = False
+                  ) -> tuple[dict, np.ndarray]:
+    """(flat metrics of `stage`, the full-ranking rank of each evaluated user's held-out item) from one scoring
+    pass over the evaluated users."""
     rec.refresh()
-    result = evaluate(rec.score_users, prepared.split, stage, batch_size=rec.config.train.eval_batch_size,
-                      sampled=sampled, seed=rec.config.data.split_seed)
-    return flatten(result, f"{stage}/")
+    result, ranks = evaluate_ranks(rec.score_users, prepared.split, stage,
+                                   batch_size=rec.config.train.eval_batch_size, sampled=sampled,
+                                   seed=rec.config.data.split_seed)
+    return flatten(result, f"{stage}/"), ranks
 
 
 def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[str], None] = print,
@@ -62,8 +71,9 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     if config.train.choose_text_prior:
         apply_text_prior_choice(rec, prepared, log)
     val = validation_metrics(rec, prepared, "val", sampled=True)
-    test = validation_metrics(rec, prepared, "test", sampled=True)
+    test, test_ranks = stage_metrics(rec, prepared, "test", sampled=True)
     summary = {"history": history, "best_epoch": best["epoch"], "val": val, "test": test,
+               "test_ranks": test_ranks.tolist(),   # split.evaluated_users order, for paired comparisons
                "seconds": time.perf_counter() - t0, "data": prepared.split.stats, "validation": prepared.report}
     if save:
         out = Path(config.output)

@@ -63,8 +63,18 @@ def user_ndcg(ranks, k: int = 10) -> np.ndarray:
 def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:
     """Full-ranking ranks of each user's held-out item, scored from `split.model_input` (the training history,
     + the validation item at test); everything in that input is excluded from the ranking."""
+    return stage_ranks(score_fn, split, users, stage, batch_size)[0]
+
+
+def stage_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256,
+                candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(full-ranking ranks (N,), sampled ranks (N,) or None) of each user's held-out item from one scoring pass:
+    the full ranking as in `full_ranks`; where `candidates` (N, n) are given (`sampled_candidates`), also the
+    held-out item's rank among itself + its row of candidates (the sampled protocol). One pass because scoring
+    is the cost: a model with the text prior computes it per batch."""
     targets_all = split.targets(stage)
     ranks = np.zeros(len(users), np.int64)
+    sampled = None if candidates is None else np.zeros(len(users), np.int64)
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         with torch.no_grad():
@@ -72,7 +82,12 @@ def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, b
         mask = exclusion_mask(split, batch, stage)
         targets = torch.as_tensor(targets_all[batch])
         ranks[start:start + len(batch)] = ranks_from_scores(scores, targets, mask).numpy()
-    return ranks
+        if sampled is not None:
+            cols = torch.as_tensor(np.concatenate([targets_all[batch][:, None], candidates[start:start + len(batch)]],
+                                                  1))
+            sampled[start:start + len(batch)] = ranks_from_scores(
+                scores.gather(1, cols), torch.zeros(len(batch), dtype=torch.long)).numpy()
+    return ranks, sampled
 
 
 def exclusion_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
@@ -107,16 +122,7 @@ def sampled_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str
                   seed: int = 0, n: int = SAMPLED_NEGATIVES) -> np.ndarray:
     """Rank of the held-out item among itself + n seeded unseen items (the protocol of the NCF/DMF papers)."""
     candidates = sampled_candidates(split, users, stage, n=n, seed=seed)
-    targets_all = split.targets(stage)
-    ranks = np.zeros(len(users), np.int64)
-    for start in range(0, len(users), batch_size):
-        batch = users[start:start + batch_size]
-        with torch.no_grad():
-            scores = torch.as_tensor(score_fn(batch, split.model_inputs(batch, stage))).float()
-        cols = torch.as_tensor(np.concatenate([targets_all[batch][:, None], candidates[start:start + len(batch)]], 1))
-        sub = scores.gather(1, cols)
-        ranks[start:start + len(batch)] = ranks_from_scores(sub, torch.zeros(len(batch), dtype=torch.long)).numpy()
-    return ranks
+    return stage_ranks(score_fn, split, users, stage, batch_size, candidates)[1]
 
 
 def cohort_groups(split: Split, users: np.ndarray) -> dict[str, np.ndarray]:
@@ -135,15 +141,29 @@ def summarize(ranks: np.ndarray, split: Split, users: np.ndarray, ks: tuple[int,
 def evaluate(score_fn: ScoreFn, split: Split, stage: str = "val", ks: tuple[int, ...] = KS, batch_size: int = 256,
              sampled: bool = True, seed: int = 0, users: np.ndarray | None = None) -> dict[str, dict]:
     """Full-ranking metrics by cohort group, and (labelled 'sampled100/...') the sampled protocol."""
+    return evaluate_ranks(score_fn, split, stage, ks, batch_size, sampled, seed, users)[0]
+
+
+def evaluate_ranks(score_fn: ScoreFn, split: Split, stage: str = "val", ks: tuple[int, ...] = KS,
+                   batch_size: int = 256, sampled: bool = True, seed: int = 0, users: np.ndarray | None = None
+                   ) -> tuple[dict[str, dict], np.ndarray]:
+    """`evaluate`'s metrics and the full-ranking rank of each user's held-out item (`users` order; default
+    split.evaluated_users), for paired comparisons without scoring the users again. One scoring pass serves
+    both protocols."""
     users = split.evaluated_users if users is None else users
-    result = summarize(full_ranks(score_fn, split, users, stage, batch_size), split, users, ks)
+    candidates = None
+    label = 0
     if sampled:
         # Tiny catalogues cannot supply 100 unseen items per user; the label says how many were used.
-        n = min(SAMPLED_NEGATIVES, split.n_items - int(split.history_lengths()[users].max(initial=0)) - 2)
-        if n >= 1:
-            s = summarize(sampled_ranks(score_fn, split, users, stage, batch_size, seed, n), split, users, ks)
-            result.update({f"sampled{n}/{name}": m for name, m in s.items()})
-    return result
+        label = min(SAMPLED_NEGATIVES, split.n_items - int(split.history_lengths()[users].max(initial=0)) - 2)
+        if label >= 1:
+            candidates = sampled_candidates(split, users, stage, n=label, seed=seed)
+    full, sampled_rank = stage_ranks(score_fn, split, users, stage, batch_size, candidates)
+    result = summarize(full, split, users, ks)
+    if sampled_rank is not None:
+        s = summarize(sampled_rank, split, users, ks)
+        result.update({f"sampled{label}/{name}": m for name, m in s.items()})
+    return result, full
 
 
 def flatten(result: dict[str, dict], prefix: str = "") -> dict[str, float]:

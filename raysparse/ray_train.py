@@ -49,7 +49,7 @@ from raysparse.build import Prepared, build_batches
 from raysparse.config import Config, config_from_dict
 from raysparse.engine import DeepSpeedTraining, first_run_compilation_note, resolved_precision
 from raysparse.errors import ConfigError
-from raysparse.local import apply_text_prior_choice, epoch_line, validation_metrics
+from raysparse.local import apply_text_prior_choice, epoch_line, stage_metrics, validation_metrics
 from raysparse.loop import EpochLog, all_gather, train_epochs
 from raysparse.preflight import (RUN_NAME, absolute_paths, check_before_start, check_run_folder, check_static,
                                   launcher_max_resources, run_location)
@@ -257,13 +257,14 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
     if config.train.choose_text_prior and apply_text_prior_choice(rec, prepared, log):
         write_config(tmp, rec.config)                      # chosen on validation, kept in the artifact's config
     val = validation_metrics(rec, prepared, "val", sampled=True)
-    test = validation_metrics(rec, prepared, "test", sampled=True)
+    test, test_ranks = stage_metrics(rec, prepared, "test", sampled=True)
     best_epoch = int(best_metrics["epoch"])
     (tmp / "metrics.json").write_text(json.dumps({"val": val, "test": test, "best_epoch": best_epoch},
                                                  indent=2, default=float))
     replace_directory(tmp, artifact)
     restored = sorted({r["restored_from_epoch"] for r in history if "restored_from_epoch" in r})
     summary = {"history": history, "best_epoch": best_epoch, "val": val, "test": test,
+               "test_ranks": test_ranks.tolist(),   # split.evaluated_users order, for paired comparisons
                "seconds": time.perf_counter() - t0, "data": prepared.split.stats, "validation": prepared.report,
                "run_dir": run_dir, "best_checkpoint": best_ckpt.path, "restored_from_epochs": restored,
                "deepspeed": ds_config}

@@ -53,6 +53,7 @@ def test_planted_holdout_ranks_first(tmp_path, checker_encoder, variant):
     cfg = tiny_config(tmp_path, checker_encoder, variant=variant)
     _, summary = run_local(cfg, prepare_data(cfg, checkerboard()), log=lambda s: None, save=False)
     assert summary["test"]["test/overall/mrr"] == 1.0
+    assert summary["test_ranks"] == [1] * summary["test"]["test/overall/users"]   # each user's rank, for pairing
 
 
 # ---- leakage -------------------------------------------------------------------------------------------------

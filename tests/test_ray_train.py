@@ -306,6 +306,9 @@ def test_two_workers_zero0_metrics_logs_checkpoints_and_resume(ray_instance, tmp
     assert {"history", "best_epoch", "val", "test", "seconds"} <= set(summary)
     assert summary["test"]["test/overall/users"] == 120
     assert any(k.startswith("test/sampled") for k in summary["test"])   # same shape as run_local's summary
+    # Each evaluated user's full-ranking test rank (the bench pairs models by them): the metric they give.
+    assert len(summary["test_ranks"]) == 120
+    assert np.mean([1 / r for r in summary["test_ranks"]]) == pytest.approx(summary["test"]["test/overall/mrr"])
     assert json.loads((out / "summary.json").read_text())["best_epoch"] == summary["best_epoch"]
 
     # Distributed validation = single-process validation of the same weights (epoch 2's checkpoint).

@@ -9,7 +9,8 @@ import torch
 
 from raysparse.data.dataset import index_interactions
 from raysparse.data.split import split_last_item
-from raysparse.metrics import evaluate, metrics_from_ranks, ranks_from_scores
+from raysparse.metrics import (evaluate, evaluate_ranks, metrics_from_ranks, ranks_from_scores,
+                               sampled_candidates)
 
 
 def _log(rows, items=None):
@@ -103,3 +104,36 @@ def test_use_ratings_weights_training_items_by_rating_over_the_maximum():
     assert log.items.to_raw(rated.history(0)) == ["w", "x"]
     assert rated.train_weights.tolist() == pytest.approx([0.4, 1.0])      # float32
     assert split_last_item(log, cohort_fraction=0.0).train_weights.tolist() == [1.0, 1.0]
+
+
+def test_one_scoring_pass_serves_full_and_sampled_ranking():
+    # 3 evaluated users, 130 items (so 100 unseen candidates exist); the scorer ranks items by a fixed score.
+    items = [f"i{n:03d}" for n in range(130)]
+    rows = [(u, items[(7 * k + 11 * j) % 130], t) for j, u in enumerate("abc") for t, k in enumerate(range(5))]
+    log = _log(rows, items=items)
+    split = split_last_item(log, cohort_fraction=0.0)
+    users = split.evaluated_users
+    assert len(users) == 3
+    item_score = torch.tensor([float((37 * n) % 130) for n in range(130)])
+    calls = []
+
+    def score_fn(batch, inputs):
+        calls.append(len(batch))
+        return item_score.repeat(len(batch), 1)
+
+    result, full = evaluate_ranks(score_fn, split, "test", batch_size=2, sampled=True, seed=3)
+    assert calls == [2, 1]      # each batch scored once for both protocols
+    candidates = sampled_candidates(split, users, "test", n=100, seed=3)
+    full_expected, sampled_expected = [], []
+    for row, u in enumerate(users):
+        # By hand: the held-out item's rank among all items outside the test input (the training history + the
+        # validation item), and among itself + its 100 seeded candidates.
+        target = int(split.test_item[u])
+        excluded = set(split.model_input(int(u), "test").tolist())
+        full_expected.append(1 + sum(1 for i in range(130) if i not in excluded and item_score[i] > item_score[target]))
+        sampled_expected.append(1 + int((item_score[candidates[row]] > item_score[target]).sum()))
+    assert full.tolist() == full_expected
+    assert len(set(full_expected)) > 1 and full_expected != sampled_expected      # the answers tell users apart
+    assert result["sampled100/overall"]["mrr"] == pytest.approx(np.mean([1 / r for r in sampled_expected]))
+    assert result["overall"]["mrr"] == pytest.approx(np.mean([1 / r for r in full]))
+    assert evaluate(score_fn, split, "test", batch_size=2, sampled=True, seed=3) == result

@@ -35,11 +35,11 @@ import torch
 
 from raysparse.bench.baselines import run_baselines
 from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
-from raysparse.build import build_batches, prepare_data
+from raysparse.build import prepare_data
 from raysparse.config import load_config
 from raysparse.errors import UserError
 from raysparse.local import run_local
-from raysparse.metrics import flatten, full_ranks, user_ndcg
+from raysparse.metrics import flatten, user_ndcg
 from raysparse.model.text import cached_item_embeddings, load_encoder, resolve_text_model
 from raysparse.recommender import Recommender
 from raysparse.step import keep_freed_memory
@@ -109,16 +109,13 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
         from raysparse.ray_train import run_ray_training
 
         summary = run_ray_training(config, log=log)
-        rec = Recommender.load(Path(config.output) / "artifact")
-        rec.builder = build_batches(rec.config, prepared.split, rec.builder.item_text)
+        rec = Recommender.load(Path(config.output) / "artifact")     # for the text prior it chose
     else:
         rec, summary = run_local(config, prepared, log=log, save=False)
     seconds = time.perf_counter() - t0
-    rec.refresh()
     users = prepared.split.evaluated_users
-    ranks = full_ranks(rec.score_users, prepared.split, users, "test")
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
-            "seconds": seconds, "test_ranks": ranks.tolist(),
+            "seconds": seconds, "test_ranks": summary["test_ranks"],   # ranked when the trainer measured test
             "text_prior": [rec.config.model.text_prior, rec.config.model.text_prior_items,
                            rec.config.model.text_prior_form],
             "test_cohort_k": prepared.split.cohort_k[users].tolist()}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysparse.data.split import Split
-from raysparse.metrics import evaluate, full_ranks
+from raysparse.metrics import evaluate, evaluate_ranks
 from raysparse.text_prior import blend, choose_text_prior, input_lengths, text_scores, zscore_rows
 
 # implicit (and threadpoolctl, which it brings) are imported inside IALS: an optional dependency
@@ -696,15 +696,16 @@ def run_baselines(split: Split, item_emb: np.ndarray | None, names: list[str], s
         models[name] = model
         tune_seconds = time.perf_counter() - start
         fit_seconds = model.fit_seconds
+        test, test_ranks = evaluate_ranks(model.score, split, "test", sampled=True, seed=seed)
         results[name] = {
             "params": params,
             "val": evaluate(model.score, split, "val", sampled=True, seed=seed),
-            "test": evaluate(model.score, split, "test", sampled=True, seed=seed),
+            "test": test,
             "tune_val_ndcg@10": tune_ndcg,
             "fit_seconds": fit_seconds,
             "tune_seconds": tune_seconds,
             # per evaluated user (split.evaluated_users order): for paired comparisons between models
-            "test_ranks": full_ranks(model.score, split, split.evaluated_users, "test"),
+            "test_ranks": test_ranks,
         }
         log.info("%s: params %s, val ndcg@10 %.4f, test ndcg@10 %.4f, fit %.1fs, tune %.1fs", name, params,
                  results[name]["val"]["overall"]["ndcg@10"], results[name]["test"]["overall"]["ndcg@10"],
