@@ -92,7 +92,7 @@ class Recommender:
         return save_artifact(self, path, metrics)
 
     @contextlib.contextmanager
-    def _inference(self):
+    def inference(self):
         """Eval mode (no dropout) and no autograd, restoring the training flag: the same model object is
         scored between epochs of a training run."""
         was_training = self.model.training
@@ -107,7 +107,7 @@ class Recommender:
 
     def refresh(self) -> None:
         """Recompute every item vector (I, D) from the current weights."""
-        with self._inference():
+        with self.inference():
             vecs = [self.model.item_vectors(b["cand_items"], b["col_users"], b["col_offsets"], b["col_weights"])
                     for b in all_item_bags(self.builder)]
         self.item_vectors = torch.cat(vecs).float()
@@ -127,7 +127,7 @@ class Recommender:
         # The 'max' form's user side is the history itself (every item's cosines), read again per request.
         with_text = (bool(self.config.model.text_prior) and self.unit_item_text is not None
                      and self.config.model.text_prior_form == "mean")
-        with self._inference():
+        with self.inference():
             for u in range(n_users):
                 seen = self._histories_newest_first([u], None)
                 vectors.append(self.model.user_vectors(self.builder.user_inputs(seen)).float())
@@ -184,7 +184,7 @@ class Recommender:
 
     # ---- scoring (index space) ----------------------------------------------------------------------------
     def score_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._inference():
+        with self.inference():
             users = self.model.user_vectors(inputs).float()
             return self.model.score(users, self.item_vectors)
 
@@ -223,7 +223,7 @@ class Recommender:
         truncated = [len(ids) > max_length for ids in full]
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt")
-        with self._inference():
+        with self.inference():
             emb = self.model.text.encode(enc["input_ids"], enc["attention_mask"])
         return emb, truncated
 
