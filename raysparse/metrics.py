@@ -118,13 +118,6 @@ def sampled_candidates(split: Split, users: np.ndarray, stage: str, n: int = SAM
     return out
 
 
-def sampled_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256,
-                  seed: int = 0, n: int = SAMPLED_NEGATIVES) -> np.ndarray:
-    """Rank of the held-out item among itself + n seeded unseen items (the protocol of the NCF/DMF papers)."""
-    candidates = sampled_candidates(split, users, stage, n=n, seed=seed)
-    return stage_ranks(score_fn, split, users, stage, batch_size, candidates)[1]
-
-
 def cohort_groups(split: Split, users: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean masks over `users`: overall, warm (outside the cohort), cohort, and cohort_k{k} per k."""
     k = split.cohort_k[users]
@@ -152,17 +145,16 @@ def evaluate_ranks(score_fn: ScoreFn, split: Split, stage: str = "val", ks: tupl
     both protocols."""
     users = split.evaluated_users if users is None else users
     candidates = None
-    label = 0
     if sampled:
         # Tiny catalogues cannot supply 100 unseen items per user; the label says how many were used.
-        label = min(SAMPLED_NEGATIVES, split.n_items - int(split.history_lengths()[users].max(initial=0)) - 2)
-        if label >= 1:
-            candidates = sampled_candidates(split, users, stage, n=label, seed=seed)
+        n_sampled = min(SAMPLED_NEGATIVES, split.n_items - int(split.history_lengths()[users].max(initial=0)) - 2)
+        if n_sampled >= 1:
+            candidates = sampled_candidates(split, users, stage, n=n_sampled, seed=seed)
     full, sampled_rank = stage_ranks(score_fn, split, users, stage, batch_size, candidates)
     result = summarize(full, split, users, ks)
     if sampled_rank is not None:
         s = summarize(sampled_rank, split, users, ks)
-        result.update({f"sampled{label}/{name}": m for name, m in s.items()})
+        result.update({f"sampled{candidates.shape[1]}/{name}": m for name, m in s.items()})
     return result, full
 
 
