@@ -54,6 +54,12 @@ def write_config(path: str | Path, config) -> None:
     (Path(path) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
+def read_config(path: str | Path):
+    """The Config in <path>/config.json (`write_config`'s), read as today's Config reads it, without loading
+    the model."""
+    return config_from_dict(upgrade_saved_config(json.loads((Path(path) / "config.json").read_text())))
+
+
 def save_artifact(rec, path: str | Path, metrics: dict | None = None) -> Path:
     """Write `rec` (a Recommender) to `path` atomically (a temp dir renamed into place)."""
     import pandas as pd
@@ -110,7 +116,7 @@ def load_artifact(path: str | Path) -> dict:
     fmt = json.loads(fmt_file.read_text())
     if fmt.get("format") != FORMAT or fmt.get("version") != VERSION:
         raise UserError(f"artifact {str(path)!r} has format {fmt}; this raysparse reads version {VERSION}.")
-    config = config_from_dict(upgrade_saved_config(json.loads((path / "config.json").read_text())))
+    config = read_config(path)
     users, items = Vocab.load(path / "users.json"), Vocab.load(path / "items.json")
     arrays = load_file(str(path / "interactions.safetensors"))
     n_users, n_items = len(users), len(items)

@@ -109,7 +109,7 @@ def test_use_ratings_weights_training_items_by_rating_over_the_maximum():
 def test_one_scoring_pass_serves_full_and_sampled_ranking():
     # 3 evaluated users, 130 items (so 100 unseen candidates exist); the scorer ranks items by a fixed score.
     items = [f"i{n:03d}" for n in range(130)]
-    rows = [(u, items[(7 * k + 11 * j) % 130], t) for j, u in enumerate("abc") for t, k in enumerate(range(5))]
+    rows = [(u, items[(7 * t + 11 * j) % 130], t) for j, u in enumerate("abc") for t in range(5)]
     log = _log(rows, items=items)
     split = split_last_item(log, cohort_fraction=0.0)
     users = split.evaluated_users
@@ -135,5 +135,5 @@ def test_one_scoring_pass_serves_full_and_sampled_ranking():
     assert full.tolist() == full_expected
     assert len(set(full_expected)) > 1 and full_expected != sampled_expected      # the answers tell users apart
     assert result["sampled100/overall"]["mrr"] == pytest.approx(np.mean([1 / r for r in sampled_expected]))
-    assert result["overall"]["mrr"] == pytest.approx(np.mean([1 / r for r in full]))
+    assert result["overall"]["mrr"] == pytest.approx(np.mean([1 / r for r in full_expected]))
     assert evaluate(score_fn, split, "test", batch_size=2, sampled=True, seed=3) == result

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysparse.artifact import read_config
 from raysparse.bench.baselines import run_baselines
 from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
 from raysparse.build import prepare_data
@@ -41,7 +42,6 @@ from raysparse.errors import UserError
 from raysparse.local import run_local
 from raysparse.metrics import flatten, user_ndcg
 from raysparse.model.text import cached_item_embeddings, load_encoder, resolve_text_model
-from raysparse.recommender import Recommender
 from raysparse.step import keep_freed_memory
 
 # Imported where used: raysparse.ray_train and ray (--trainer ray only), matplotlib (the chart; an optional
@@ -109,15 +109,15 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
         from raysparse.ray_train import run_ray_training
 
         summary = run_ray_training(config, log=log)
-        rec = Recommender.load(Path(config.output) / "artifact")     # for the text prior it chose
+        scored = read_config(Path(config.output) / "artifact").model    # with the text prior it chose
     else:
         rec, summary = run_local(config, prepared, log=log, save=False)
+        scored = rec.config.model
     seconds = time.perf_counter() - t0
     users = prepared.split.evaluated_users
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
             "seconds": seconds, "test_ranks": summary["test_ranks"],   # ranked when the trainer measured test
-            "text_prior": [rec.config.model.text_prior, rec.config.model.text_prior_items,
-                           rec.config.model.text_prior_form],
+            "text_prior": [scored.text_prior, scored.text_prior_items, scored.text_prior_form],
             "test_cohort_k": prepared.split.cohort_k[users].tolist()}
 
 
