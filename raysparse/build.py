@@ -84,7 +84,6 @@ def build_batches(config: Config, split: Split, item_text: ItemText | None) -> B
     return BatchBuilder(split, item_text, max_history=config.data.max_history, max_length=config.data.max_length,
                         negatives=config.train.negatives_per_positive,
                         with_tokens=mc.uses_text and mc.finetune != "frozen",
-                        target_gap_max=config.train.target_gap_max,
                         short_history_prob=config.train.short_history_prob,
                         short_history_ks=tuple(config.data.cohort_ks),
                         with_columns=mc.uses_dmf_items)

@@ -234,10 +234,6 @@ class TrainConfig:
                                          "'sequence': one causal pass over each window of max_history items "
                                          "predicts every next item at once (needs model.history_encoder="
                                          "attention; SASRec's training, ~max_history times fewer passes).")
-    target_gap_max: int = option(0, "Also train on targets up to this many items ahead of the history (prefix mode: "
-                                    "a gap drawn per example; sequence mode: each position also predicts the item "
-                                    "after next). 0 = the next item only, which is what the leave-one-out protocol "
-                                    "and serving ask.")
     short_history_prob: float = option(0.2, "Share of training examples whose history is cut to its k most recent "
                                             "items (k from data.cohort_ks): sparse users look like that at test.")
     patience: int = option(0, "Early stopping: end training after this many epochs without a better validation "
@@ -263,7 +259,6 @@ class TrainConfig:
         _positive("train.negatives_per_positive", self.negatives_per_positive, allow_zero=True)
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
-        _positive("train.target_gap_max", self.target_gap_max, allow_zero=True)
         _positive("train.patience", self.patience, allow_zero=True)
         if not 0.0 <= self.short_history_prob <= 1.0:
             raise ConfigError(f"train.short_history_prob={self.short_history_prob!r} must be in [0, 1].")
@@ -443,6 +438,9 @@ REMOVED_OPTIONS = {
     "model.gate": (False, "no config, test or benchmark used it"),
     "model.score": ("dot", "scores are dot products; 'cosine' was never used by a config, test or benchmark"),
     "model.temperature": (None, "it scaled cosine scores only"),
+    "train.target_gap_max": (0, "training on the item after next as well lost validation to the next item only, "
+                                "on both dev sets (docs/ACCURACY.md); the leave-one-out protocol and serving ask "
+                                "for the next item"),
 }
 
 

@@ -79,24 +79,22 @@ def keep_freed_memory() -> bool:
 
 
 def compute_loss(out: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
-    """Mean loss over the targets from model outputs pos (N,), cand (S, M), neg_mask (S, M) and optionally
-    target_row (N,), the row of cand/neg_mask each target is scored against (absent: N = S, row i for target i;
-    sequence batches share a position's row between the next item and the one after it).
+    """Mean loss over the targets from model outputs pos (N,), cand (N, M) and neg_mask (N, M): row i holds
+    target i's candidates.
 
     softmax: cross-entropy of the target against its row's valid negatives (full or sampled softmax).
     bce:     binary cross-entropy, target = 1 and each valid negative = 0 (negatives averaged per example);
              with ratings as column/row weights this is DMF's normalized cross-entropy setting.
     """
     pos, cand, mask = out["pos"].float(), out["cand"].float(), out["neg_mask"]
-    row = out.get("target_row")
     if loss == "softmax":
         # -log softmax of the target among [target, negatives], without concatenating a (N, 1 + M) copy.
         neg_lse = MaskedLogSumExp.apply(cand, mask)
-        return (torch.logaddexp(pos, neg_lse if row is None else neg_lse[row]) - pos).mean()
+        return (torch.logaddexp(pos, neg_lse) - pos).mean()
     if loss == "bce":
         pos_loss = F.softplus(-pos)                                   # -log sigmoid(pos)
         neg_loss = (F.softplus(cand) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return (pos_loss + (neg_loss if row is None else neg_loss[row])).mean()
+        return (pos_loss + neg_loss).mean()
     raise ValueError(f"unknown loss {loss!r}")
 
 

@@ -85,6 +85,10 @@ def test_removed_options_load_at_their_kept_value_and_refuse_the_removed_behavio
         config_from_dict({"model": {"gate": True}})
     with pytest.raises(ConfigError, match=r"model.score='cosine': this option was removed"):
         config_from_dict({"model": {"score": "cosine"}})
+    # train.target_gap_max lost its ablation: 0 (next item only) still loads, 1 names the removal.
+    assert not hasattr(config_from_dict({"train": {"target_gap_max": 0}}).train, "target_gap_max")
+    with pytest.raises(ConfigError, match=r"train.target_gap_max=1: this option was removed .* or set it to 0"):
+        config_from_dict({"train": {"target_gap_max": 1}})
 
 
 def test_item_texts_are_cut_at_item_text_tokens_and_cached_per_budget(tmp_path):

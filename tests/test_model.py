@@ -357,30 +357,10 @@ def test_core_api_works_without_ray_or_deepspeed(trained):
     assert proc.stdout.strip().endswith("ok")
 
 
-def test_gap_histories_stop_before_the_target_and_keep_one_item(fused_top):
-    _, prepared, rec = fused_top
-    builder = rec.builder
-    builder.target_gap_max, builder.short_history_prob = 1, 0.0
-    try:
-        users, targets, positions = builder.training_examples("prefix")
-        histories, _ = builder.example_histories(users, positions, "prefix", np.random.default_rng(0))
-    finally:
-        builder.target_gap_max, builder.short_history_prob = 0, 0.2
-    lengths = set()
-    for u, t, p, h in zip(users, targets, positions, histories):
-        full = prepared.split.history(u)
-        gap = p - len(h) if len(h) < builder.max_history else None
-        assert t not in h.tolist() and len(h) >= 1
-        if gap is not None:
-            assert gap in (0, 1) and h.tolist() == full[:p - gap][::-1].tolist()
-            lengths.add(gap)
-    assert lengths == {0, 1}  # both cases are drawn
-
-
 def test_short_history_augmentation_keeps_the_k_most_recent_items(fused_top):
     _, prepared, rec = fused_top
     builder = rec.builder
-    builder.short_history_prob, builder.target_gap_max = 1.0, 0
+    builder.short_history_prob = 1.0
     try:
         users, targets, positions = builder.training_examples("prefix")
         histories, _ = builder.example_histories(users, positions, "prefix", np.random.default_rng(0))

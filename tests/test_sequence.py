@@ -126,14 +126,6 @@ def test_softmax_loss_is_cross_entropy_over_the_target_and_its_valid_negatives()
         expected.append(torch.nn.functional.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long)))
     got = compute_loss({"pos": pos, "cand": cand, "neg_mask": mask}, "softmax")
     torch.testing.assert_close(got, torch.stack(expected).mean())
-    # Targets sharing a row of logits (a sequence position's next item and the one after it): each is
-    # scored against its own row's negatives.
-    rows = torch.tensor([1, 1, 3, 4, 2, 2, 2])
-    pos7 = torch.randn(7)
-    expected = [torch.nn.functional.cross_entropy(torch.cat([pos7[i:i + 1], cand[r][mask[r]]])[None],
-                                                  torch.zeros(1, dtype=torch.long)) for i, r in enumerate(rows)]
-    got = compute_loss({"pos": pos7, "cand": cand, "neg_mask": mask, "target_row": rows}, "softmax")
-    torch.testing.assert_close(got, torch.stack(expected).mean())
 
 
 def test_masked_logsumexp_matches_autograd_in_value_and_gradient():
@@ -178,14 +170,14 @@ def test_each_position_equals_the_model_run_on_its_prefix_alone(encoder):
 
 
 def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
-    """On the walks each target is one or two steps along the user's ring from the input at its position (known
-    answer), is never among the items that position reads, and each user's row of neg_mask hides their items."""
+    """On the walks each target is one step along the user's ring from the input at its position (known
+    answer: the next item), is never among the items that position reads, and each user's row of neg_mask hides
+    their items."""
     from raysparse.build import build_batches
 
     frames = walks(n_users=20, n_items=24, length=8)
     cfg = walk_config(tmp_path, example_mode="sequence").replace(**{"data.max_history": 4,
-                                                                    "train.short_history_prob": 0.5,
-                                                                    "train.target_gap_max": 1})
+                                                                    "train.short_history_prob": 0.5})
     prepared = prepare_data(cfg, frames)
     builder = build_batches(cfg, prepared.split, None)
     users, targets, ends = builder.training_examples("sequence")
@@ -199,19 +191,15 @@ def test_sequence_batches_predict_the_next_items_and_never_show_them(tmp_path):
     number = {i: int(raw[1:]) for raw, i in item_index.items()}
     cand = batch["cand_items"].numpy()
     pred_row, pred_col = batch["pred_row"].tolist(), batch["pred_col"].tolist()
-    steps = []
-    for position, tpos in zip(batch["target_row"].tolist(), batch["target_pos"].tolist()):
-        row, col = pred_row[position], pred_col[position]
+    assert len(batch["target_pos"]) == len(pred_row)        # one target a position
+    for row, col, tpos in zip(pred_row, pred_col, batch["target_pos"].tolist()):
         target = int(cand[tpos])
         assert target not in seq[row, :col + 1]             # what the position reads is a subset of this
         step = (number[target] - number[int(seq[row, col])]) % 24
-        assert step in (1, 2, 22, 23), (row, col, step)
-        steps.append(step in (1, 23))
-    # every input position is scored once and predicts its next item; all but the window's last predict
-    # the item after it too
+        assert step in (1, 23), (row, col, step)            # the next item along the ring, either way round
+    # every input position is scored once
     assert sorted(zip(pred_row, pred_col)) == sorted(set(zip(pred_row, pred_col)))
-    assert sum(steps) == len(pred_row) == int((seq >= 0).sum())
-    assert len(steps) - sum(steps) == len(pred_row) - len(users)
+    assert len(pred_row) == int((seq >= 0).sum())
     mask = batch["neg_mask"].numpy()
     assert mask.shape == (len(pred_row), len(cand))
     for i, row in enumerate(batch["pred_row"].tolist()):

@@ -15,9 +15,8 @@ Batch dict (B examples, N history entries, M candidate items, K column entries):
                             negatives <= 0) that the user has never seen
 
 Sequence batches (example_mode='sequence') score S input positions (pred_row / pred_col) against the
-candidates and have N >= S targets: a position predicts the next item and the one after it, so
-target_pos / target_col_weight / target_row are (N,), with target_row naming the position each target is
-scored from, and neg_mask is (S, M), one row per position.
+candidates, each predicting its next item: target_pos / target_col_weight are (S,) and neg_mask is (S, M), one
+row per position.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class BatchBuilder:
     seen items out of the negatives), so every worker builds identical batches from the same split."""
 
     def __init__(self, split: Split, item_text: ItemText | None, *, max_history: int, max_length: int,
-                 negatives: int, with_tokens: bool, target_gap_max: int = 0, short_history_prob: float = 0.0,
+                 negatives: int, with_tokens: bool, short_history_prob: float = 0.0,
                  short_history_ks: tuple[int, ...] = (1, 2, 3, 5), with_columns: bool = True):
         """with_columns=False: the model has no DMF item tower (residual fusion), so batches carry no item
         columns. A candidate's column is every user who has it: at MovieLens-25M size a popular item's holds
@@ -49,7 +48,6 @@ class BatchBuilder:
         self.max_length = max_length
         self.negatives = negatives
         self.with_tokens = with_tokens
-        self.target_gap_max = target_gap_max
         self.short_history_prob = short_history_prob
         self.short_history_ks = tuple(short_history_ks)
         self.seen = split.train_matrix(binary=False)          # (U, I) weights
@@ -80,15 +78,7 @@ class BatchBuilder:
 
     def example_histories(self, users: np.ndarray, positions: np.ndarray, mode: str = "prefix",
                           rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Inputs of each example, newest first, at most max_history items; never contains the target.
-
-        With `rng` and target_gap_max > 0 (prefix mode), the history of an example stops g in
-        [0, target_gap_max] items before the target (keeping at least one item): training on targets further
-        ahead than the next item (train.target_gap_max).
-        """
-        gaps = np.zeros(len(users), np.int64)
-        if rng is not None and mode == "prefix" and self.target_gap_max > 0:
-            gaps = np.minimum(rng.integers(0, self.target_gap_max + 1, size=len(users)), positions - 1)
+        """Inputs of each example, newest first, at most max_history items; never contains the target."""
         # Short-history augmentation: a sparse user at test time is a long-time user whose history was cut to
         # their k most recent items, not a user's first k items; cut some examples the same way.
         keep = np.full(len(users), self.max_history, np.int64)
@@ -96,10 +86,10 @@ class BatchBuilder:
             short = rng.random(len(users)) < self.short_history_prob
             keep[short] = rng.choice(np.asarray(self.short_history_ks, np.int64), size=int(short.sum()))
         items, weights = [], []
-        for u, p, g, n_keep in zip(users.tolist(), positions.tolist(), gaps.tolist(), keep.tolist()):
+        for u, p, n_keep in zip(users.tolist(), positions.tolist(), keep.tolist()):
             lo, hi = self.split.train_indptr[u], self.split.train_indptr[u + 1]
             if mode == "prefix":
-                idx = np.arange(lo, lo + p - g)
+                idx = np.arange(lo, lo + p)
             else:
                 idx = np.delete(np.arange(lo, hi), p)
             idx = idx[::-1][: n_keep]
@@ -154,8 +144,8 @@ class BatchBuilder:
                     row_targets: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidate items (M,) = targets (N,) + shared uniform negatives; each target's index in them (N,);
         and neg_mask (len(users), M): the candidate is a sampled negative that the row's user has never seen
-        and, with row_targets (users and targets aligned), not the row's own target. Sequence batches pass
-        one user per scoring position and row_targets=False: their targets are among that user's seen items."""
+        and, with row_targets, not the row's own target. Sequence batches pass row_targets=False: a position's
+        target is one of its user's training items, already masked as seen (and the (S, M) test costs time)."""
         if self.negatives <= 0 or self.negatives >= self.split.n_items:
             # Full softmax: every item is a candidate (what SASRec trains with); affordable for catalogues
             # of tens of thousands of items since item vectors are one EmbeddingBag pass.
@@ -196,10 +186,7 @@ class BatchBuilder:
 
         A window ends at item `end` of the user's sequence and holds up to max_history + 1 items w; the inputs
         w[:-1] sit right-aligned in seq (B, L), L = the batch's longest window (<= max_history), PAD-filled on
-        the left. Each input position t (pred_row, pred_col) predicts w[t + 1] (the next item) and, with
-        target_gap_max >= 1, w[t + 2] (one further: at test time the validation item sits between the history
-        and the test item). A position's user vector and its logits over the candidates serve all its targets
-        (target_row), so the costly (positions x candidates) logits are computed once, not once per target.
+        the left. Each input position t (pred_row, pred_col) predicts w[t + 1], the next item.
         With short_history_prob, a row is read as blocks of k items (window = k, k from data.cohort_ks), each
         position seeing 1..k recent items of its block: sparse users at test time.
         Negatives are shared as in `collate`; an item the user has seen is never a negative.
@@ -216,8 +203,7 @@ class BatchBuilder:
         length = max(int((stop - start).max(initial=1)) - 1, 1)
         seq = np.full((n, length), PAD, np.int64)
         seq_weights = np.zeros((n, length), np.float32)
-        rows, cols, target_rows, targets = [], [], [], []
-        n_positions = 0
+        rows, cols, targets = [], [], []
         for b, (first, last) in enumerate(zip(start.tolist(), stop.tolist())):
             items = self.split.train_items[first:last]
             m = len(items) - 1                                  # inputs in this window
@@ -225,28 +211,23 @@ class BatchBuilder:
             seq_weights[b, length - m:] = self.split.train_weights[first:last - 1]
             rows.append(np.full(m, b))
             cols.append(np.arange(length - m, length))
-            for gap in range(self.target_gap_max + 1):
-                # positions with a target gap + 1 ahead: the first m - gap of this window's m positions
-                target_rows.append(n_positions + np.arange(max(m - gap, 0)))
-                targets.append(items[1 + gap:])
-            n_positions += m
+            targets.append(items[1:])
         window = np.zeros(n, np.int64)
         if self.short_history_prob > 0:
             short = rng.random(n) < self.short_history_prob
             window[short] = rng.choice(np.asarray(self.short_history_ks, np.int64), size=int(short.sum()))
         pred_row = np.concatenate(rows).astype(np.int64)
         pred_col = np.concatenate(cols).astype(np.int64)
-        target_row = np.concatenate(target_rows).astype(np.int64)
         pred_target = np.concatenate(targets).astype(np.int64)
-        target_user = users[pred_row[target_row]]
-        # One mask row per position: its user's seen items, which include all of that position's targets.
-        cand, target_pos, neg_mask = self._candidates(users[pred_row], pred_target, rng, row_targets=False)
+        position_user = users[pred_row]
+        # One mask row per position: its user's seen items, which include the position's target.
+        cand, target_pos, neg_mask = self._candidates(position_user, pred_target, rng, row_targets=False)
         batch = {"seq": torch.from_numpy(seq), "seq_weights": torch.from_numpy(seq_weights),
                  "window": torch.from_numpy(window), "user_idx": torch.from_numpy(users),
                  "pred_row": torch.from_numpy(pred_row), "pred_col": torch.from_numpy(pred_col),
-                 "target_row": torch.from_numpy(target_row), "target_pos": torch.from_numpy(target_pos),
+                 "target_pos": torch.from_numpy(target_pos),
                  "target_col_weight": torch.from_numpy(
-                     np.asarray(self.seen[target_user, pred_target]).ravel().astype(np.float32)),
+                     np.asarray(self.seen[position_user, pred_target]).ravel().astype(np.float32)),
                  "neg_mask": torch.from_numpy(neg_mask)}
         batch.update(self.item_bags(cand))
         return batch

@@ -157,27 +157,20 @@ class HybridRecommender(nn.Module):
         """
         return self._training_logits(self.user_vectors(batch), batch["user_idx"], batch)
 
-    def _training_logits(self, users: torch.Tensor, user_idx: torch.Tensor, batch: dict[str, torch.Tensor],
-                         target_row: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """users (S, D) and their user indices (S,) -> cand (S, M), neg_mask (S, M) and pos (N,), the logit of
-        each target scored from users[target_row] (target_row (N,), returned too; None: N = S, one target a
-        row). The target's column loses this user's own entry (its weight: target_col_weight) before the
-        target is scored."""
+    def _training_logits(self, users: torch.Tensor, user_idx: torch.Tensor, batch: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        """users (S, D) and their user indices (S,) -> cand (S, M), neg_mask (S, M) and pos (S,), the logit of
+        each row's target. The target's column loses this user's own entry (its weight: target_col_weight)
+        before the target is scored."""
         if self.dmf_item is None:          # residual: an item's vector is its own token, no column to remove from
             cand = self._item_out(None, batch["cand_items"])
             out = {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"]}
-            if target_row is not None:
-                users = users[target_row]
-                out["target_row"] = target_row
             out["pos"] = self.score_pairs(users, cand[batch["target_pos"]])
             return out
         sums = self.dmf_item.bag_sums(batch["col_users"], batch["col_offsets"], batch["col_weights"])
         counts = bag_counts(batch["col_offsets"], batch["col_users"].numel())
         cand = self._item_out(self.dmf_item.head(sums, counts), batch["cand_items"])
         out = {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"]}
-        if target_row is not None:
-            users, user_idx = users[target_row], user_idx[target_row]
-            out["target_row"] = target_row
         pos_idx = batch["target_pos"]
         own = self.dmf_item.bag.weight[user_idx] * batch["target_col_weight"][:, None]
         removed = (batch["target_col_weight"] != 0).to(counts.dtype)
@@ -191,13 +184,12 @@ class HybridRecommender(nn.Module):
 
         batch: seq / seq_weights (B, L) oldest -> newest, left-padded with PAD; window (B,) (0 = full history,
         k = blocks of k items, see HistoryAttention.encode); pred_row / pred_col (S,) the positions that predict
-        targets; target_row, target_pos, target_col_weight (N,): each target's position and item; cand_items
+        targets; target_pos, target_col_weight (S,): each position's target (its next item); cand_items
         with their column bags; neg_mask (S, M). The user after each prefix comes from one causal pass
         (attention) and running sums (DMF row, linear first layer), so position t reads items <= t only.
-        Returns cand (S, M), neg_mask (S, M), pos (N,) and target_row (N,) (see `_training_logits`).
+        Returns cand (S, M), neg_mask (S, M) and pos (S,) (see `_training_logits`).
         """
-        return self._training_logits(self.sequence_users(batch), batch["user_idx"][batch["pred_row"]], batch,
-                                     batch["target_row"])
+        return self._training_logits(self.sequence_users(batch), batch["user_idx"][batch["pred_row"]], batch)
 
     def sequence_users(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(S, D): the user vector at each scoring position (pred_row, pred_col) of a sequence batch, which all
