@@ -176,3 +176,64 @@ def test_text_prior_line_names_each_rows_choice_per_seed_and_skips_rows_that_nev
     assert text_prior_line(per_seed) == ("\n\nText prior chosen on each seed's validation (text_prior/"
                                          "text_prior_items form): Fused: ids + text + DMF (ours): 0.5/8 max, 0/0, 1/2")
     assert text_prior_line([{"ours:ids": {"text_prior": [0.0, 0.0]}}]) == ""
+
+
+def _parsed(*argv: str):
+    import argparse
+
+    from raysparse.bench.accuracy import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers())
+    return parser.parse_args(["accuracy", *argv])
+
+
+def test_planned_fits_count_the_runs_fits():
+    """Known answers: the default run on 3 seeds fits ours 4 rows x 3 seeds + the second grid point (the first
+    seed's fused row is the chosen grid fit itself) = 13 times, and SASRec at its 2 grid points on the first
+    seed + once on each later seed = 4 times."""
+    from raysparse.bench.accuracy import planned_fits
+
+    assert planned_fits(_parsed("--seeds", "3")) == (13, 4)
+    assert planned_fits(_parsed("--seeds", "3", "--our-grid", "")) == (12, 4)
+    # no fused row to reuse a grid fit for: both grid fits come on top of the ids row's 2 seeds
+    assert planned_fits(_parsed("--seeds", "2", "--variants", "ids", "--baselines", "ease")) == (4, 0)
+    assert planned_fits(_parsed("--seeds", "1", "--variants", "fused", "--ablation", "x:model.dropout=0.1",
+                                "--our-grid", "model.dropout=0.3|0.5|0.7")) == (4, 2)
+
+
+def test_a_grid_runs_the_fits_planned_fits_counts(dataset, tmp_path, capfd):
+    from raysparse.bench.accuracy import planned_fits
+
+    argv = ["--variants", "ids,fused", "--baselines", "", "--our-grid", "model.dropout=0.0|0.5"]
+    bench(dataset, tmp_path / "count", *argv)
+    trained = [line for line in capfd.readouterr().out.splitlines() if ": training ours:" in line]
+    assert len(trained) == planned_fits(_parsed("--seeds", "2", *argv))[0] == 5
+
+
+def test_the_time_estimate_times_real_steps_and_counts_an_epochs_targets(dataset, tmp_path):
+    """The estimate's epoch is the epoch training runs: as many steps, and the targets counted batch by batch
+    over a whole epoch; its fit is that epoch's measured cost times the configured epochs."""
+    import numpy as np
+
+    from raysparse.bench.accuracy import _PREPARED, estimate_line, prepared_seed, seed_config, time_estimate
+    from raysparse.local import build_recommender
+
+    args = _parsed("--data", str(dataset), "--seeds", "2", "--trainer", "local", "--baselines", "ease,sasrec",
+                   "--out", str(tmp_path), "--set", f"data.path={dataset}", "--set", "model.attention_dim=16",
+                   "--set", "model.residual_hidden_dim=16", "--set", "model.dmf_user_layers=[16]",
+                   "--set", "train.epochs=7")
+    _PREPARED.clear()
+    est = time_estimate(args)
+    config = seed_config(args, 0, ["model.variant=fused", "model.dropout=0.3"])
+    builder = build_recommender(config, prepared_seed(args, 0)[1]).builder
+    batches = list(builder.iterate_epoch(config.train.batch_size_per_worker, np.random.default_rng(0),
+                                         config.train.example_mode))
+    assert est["steps"] == len(batches) and est["targets"] == sum(len(b["target_pos"]) for b in batches)
+    assert est["epochs"] == 7
+    assert est["fit_seconds"] == pytest.approx(7 * (est["epoch_seconds"] + est["validation_seconds"]))
+    assert 3 <= est["timed_steps"] <= 50 and est["epoch_seconds"] > 0
+    assert (est["ours_fits"], est["sasrec_fits"]) == (4 * 2 + 1, 2 + 1)
+    assert est["minutes"] == pytest.approx((9 + 3) * est["fit_seconds"] / 60)
+    assert f"~{est['minutes']:.0f} min" in estimate_line(est, 1)
+    _PREPARED.clear()

@@ -9,13 +9,15 @@ our sequence model in four variants by default (plus any `--ablation`): ids only
 (ids + text + DMF); `--variants text` adds the DMF item column design. Each seed re-draws the sparse cohort
 (data.split_seed) and re-seeds training. Baselines are tuned on the first seed's validation split
 (raysparse.bench.baselines). Our models pick their epoch by validation NDCG@10, and what must differ between
-data sets (`--our-grid`: by default the dropout rate, model.dropout 0.3 or 0.5, and the length of the schedule,
-train.epochs 10 or 20) is chosen like the baselines' grids: the fused model is fitted at each grid point on the
-first seed, and the point with the best validation NDCG@10 is used by every row of ours on every seed.
+data sets (`--our-grid`: by default the dropout rate, model.dropout 0.3 or 0.5) is chosen like the baselines'
+grids: the fused model is fitted at each grid point on the first seed, and the point with the best validation
+NDCG@10 is used by every row of ours on every seed.
 The test split decides nothing, and configs/accuracy.yaml is used unchanged on every data set.
 
 Our models train through the same code as `raysparse train`: on local Ray (Ray Train + DeepSpeed, one
 worker) with `--trainer ray`, or in-process with `--trainer local` (same model, step and data code).
+Before the fits the run prints how long it will take on this machine (`time_estimate`: a few training steps
+timed on the data), since a larger data set than the dev sets can take hours.
 Output: a markdown table (mean ± std over seeds), JSON with every number, and a PNG chart by cohort.
 """
 
@@ -210,6 +212,15 @@ def _result_line(seed: int, label: str, row: dict) -> str:
             f"cohort {row['test'].get('test/cohort/ndcg@10', float('nan')):.4f} ({row['seconds']:.0f}s)")
 
 
+def check_row_configs(args) -> None:
+    """Build every row's config at every grid point: a bad --set, --ablation or grid key fails now, not after
+    the fits before it."""
+    ours = our_rows_wanted(args)
+    for _, sets in ours:
+        for point in (parse_grid(args.our_grid) if ours else [[]]):
+            seed_config(args, 0, sets + point)
+
+
 def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
     rows = [(f"ours:{v}", [f"model.variant={v}"]) for v in args.variants.split(",") if v]
     # An ablation row is the config's model (fused unless the overrides set model.variant) with overrides.
@@ -248,9 +259,6 @@ def run_all(args) -> tuple[list[dict], dict]:
     names = [n for n in args.baselines.split(",") if n]
     ours = our_rows_wanted(args)
     points = parse_grid(args.our_grid) if ours else [[]]
-    for _, sets in ours:        # a bad --set, --ablation or grid key fails now, not after the fits before it
-        for point in points:
-            seed_config(args, 0, sets + point)
     searched = len(points) > 1
     grid_jobs = [(_grid_label(p), ["model.variant=fused"] + p) for p in points] if searched else []
     per_seed: list[dict] = [{} for _ in seeds]
@@ -310,12 +318,15 @@ def baselines_first(jobs: list[tuple]) -> list[tuple]:
     return sorted(jobs, key=lambda job: job[0] != "baselines")
 
 
+def available_cores() -> int:
+    """The cores this process may use (a container's affinity), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
 def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
     depends on their choices."""
-    # the cores this process may use (a container's affinity), not the host's count
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    threads = max(1, cores // args.jobs)
+    threads = max(1, available_cores() // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
         waiting: list[tuple[str, int, object, str]] = []    # handed to the pool only as its processes free up
@@ -512,6 +523,92 @@ def chart(agg: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- time estimate ------------------------------------------------------------------------------------------
+def planned_fits(args) -> tuple[int, int]:
+    """(fits of ours, fits of SASRec) that run_all will run: the fused model at each grid point on the first
+    seed (the chosen one is reused as that seed's fused row), every row of ours on every seed, and SASRec at each
+    point of its grid on the first seed and once on each later seed."""
+    ours = our_rows_wanted(args)
+    points = parse_grid(args.our_grid) if ours else [[]]
+    n_ours = args.seeds * len(ours)
+    if len(points) > 1:
+        n_ours += len(points) - (1 if ("ours:fused", ["model.variant=fused"]) in ours else 0)
+    n_sasrec = 0
+    if "sasrec" in [n for n in args.baselines.split(",") if n]:
+        n_sasrec = len(SASREC_BENCH_GRID["dropout"]) + args.seeds - 1
+    return n_ours, n_sasrec
+
+
+def seconds_per_fit(args, threads: int, min_seconds: float = 8.0, max_steps: int = 50) -> dict:
+    """Seconds of one fit of ours, measured before the run on `threads` torch threads: the fused model (the
+    grid's first point) on the first seed's data takes one warm-up step, then steps until `min_seconds` have
+    passed (3 to `max_steps` steps), and validates once. An epoch = the seconds per predicted target times the
+    targets of an epoch; a fit = epochs x (epoch + validation). Full-softmax training costs (targets x
+    catalogue) and validation (users x catalogue): what grows with a larger data set."""
+    from raysparse.local import build_recommender, stage_metrics
+    from raysparse.step import PlainStepper, steps_per_epoch
+
+    _, prepared = prepared_seed(args, 0)
+    config = seed_config(args, 0, ["model.variant=fused"] + parse_grid(args.our_grid)[0])
+    tc = config.train
+    # Built on every core: a new catalogue's item texts are encoded here, once, into the cache every fit reads.
+    rec = build_recommender(config, prepared, config.data.resolved_cache_dir)
+    examples = rec.builder.training_examples(tc.example_mode)
+    steps = steps_per_epoch(len(examples[0]), tc.batch_size_per_worker, tc.max_steps_per_epoch)
+    # A sequence batch predicts every next item of its windows (each transition once an epoch); the other
+    # modes one target an example.
+    lengths = prepared.split.history_lengths()
+    targets = int(np.maximum(lengths - 1, 0).sum()) if tc.example_mode == "sequence" else len(examples[0])
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stepper = PlainStepper(rec.model, tc, steps * tc.epochs)
+        stepper.start_epoch()
+        rng = np.random.default_rng(tc.seed)
+        batches = itertools.chain.from_iterable(     # into the next epoch when an epoch has fewer steps
+            rec.builder.iterate_epoch(tc.batch_size_per_worker, rng, tc.example_mode) for _ in itertools.count())
+        stepper.step(next(batches))                                    # warm-up: first-call allocations
+        timed_targets, n_steps, t0 = 0, 0, time.perf_counter()
+        for batch in itertools.islice(batches, max_steps):
+            stepper.step(batch)
+            timed_targets += len(batch["target_pos"])
+            n_steps += 1
+            if n_steps >= 3 and time.perf_counter() - t0 >= min_seconds:
+                break
+        elapsed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stage_metrics(rec, prepared, "val")                            # after every epoch, as the fits do
+        validation = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous_threads)
+    epoch = elapsed / max(timed_targets, 1) * targets
+    return {"fit_seconds": (epoch + validation) * tc.epochs, "epoch_seconds": epoch,
+            "validation_seconds": validation, "epochs": tc.epochs, "steps": steps, "targets": targets,
+            "items": prepared.split.n_items, "threads": threads, "timed_steps": n_steps}
+
+
+def time_estimate(args) -> dict:
+    """How long the run will take on this machine, from `seconds_per_fit` and `planned_fits`: the fits of ours
+    and SASRec's (its full-softmax training costs about what ours does) over --jobs processes. The other
+    baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
+    1.13-1.21x this (Amazon Scientific: 23 min estimated, 26.0 and 27.8 min run; ML latest-small: 39 and 47.5)."""
+    threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
+    fit = seconds_per_fit(args, threads)
+    n_ours, n_sasrec = planned_fits(args)
+    fit["minutes"] = (n_ours + n_sasrec) * fit["fit_seconds"] / args.jobs / 60
+    fit.update(ours_fits=n_ours, sasrec_fits=n_sasrec)
+    return fit
+
+
+def estimate_line(est: dict, jobs: int) -> str:
+    return (f"time estimate: ~{est['minutes']:.0f} min. A fit takes ~{est['fit_seconds'] / 60:.1f} min "
+            f"({est['epochs']} epochs of {est['targets']:,} targets over {est['items']:,} items at "
+            f"{est['epoch_seconds']:.1f} s + {est['validation_seconds']:.1f} s of validation, on "
+            f"{est['threads']} thread(s), measured over {est['timed_steps']} steps); {est['ours_fits']} fits of "
+            f"ours and {est['sasrec_fits']} of SASRec on {jobs} process(es). Cheaper: --seeds 1, --our-grid '', "
+            f"--variants fused.")
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fmt = args.format or guess_format(args.data)
@@ -531,6 +628,15 @@ def run(args: argparse.Namespace) -> int:
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     keep_freed_memory()           # before any fit in this process, baselines included (see its docstring)
+    check_row_configs(args)
+    estimate = None
+    if not args.fast and our_rows_wanted(args):
+        # Measured before the fits: on a larger data set than the dev sets the run can take hours (full-softmax
+        # training costs targets x catalogue), and the one running it should know that now, not at the end.
+        estimate = time_estimate(args)
+        print(estimate_line(estimate, args.jobs), flush=True)
+        if args.jobs > 1:
+            _PREPARED.clear()     # the fits run in other processes; do not hold the split here meanwhile
     per_seed, choice = run_all(args)
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
@@ -542,13 +648,15 @@ def run(args: argparse.Namespace) -> int:
             f"\n\nChosen on the first seed's validation for our rows: {choice['chosen'] or 'nothing to choose'}"
             + (f" (fused validation NDCG@10 by grid point: {json.dumps(choice['grid'])})" if choice["grid"] else "") +
             text_prior_line(per_seed) +
-            f"\n\nWall time: {wall / 60:.1f} min on this machine; data: {args.data} ({fmt or 'standard schema'}); "
+            f"\n\nWall time: {wall / 60:.1f} min on this machine"
+            + (f" (estimated at the start: {estimate['minutes']:.0f} min)" if estimate else "")
+            + f"; data: {args.data} ({fmt or 'standard schema'}); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
             + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "") + "\n")
     print("\n" + text)
     (out / "accuracy.md").write_text(text)
     (out / "accuracy.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg, "wall_seconds": wall,
-                                                   "our_choice": choice,
+                                                   "time_estimate": estimate, "our_choice": choice,
                                                    "args": vars(args) | {"func": None}}, indent=1, default=str))
     chart(agg, out / "accuracy.png")
     print(f"wrote {out / 'accuracy.md'}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
