@@ -535,7 +535,7 @@ def planned_fits(args) -> tuple[int, int]:
         n_ours += len(points) - (1 if ("ours:fused", ["model.variant=fused"]) in ours else 0)
     n_sasrec = 0
     if "sasrec" in [n for n in args.baselines.split(",") if n]:
-        n_sasrec = len(SASREC_BENCH_GRID["dropout"]) + args.seeds - 1
+        n_sasrec = int(np.prod([len(values) for values in SASREC_BENCH_GRID.values()])) + args.seeds - 1
     return n_ours, n_sasrec
 
 
