@@ -114,6 +114,9 @@ def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp
     args = parser.parse_args(["accuracy", "--data", str(dataset), "--jobs", "0", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="1 or more"):
         args.func(args)
+    args = parser.parse_args(["accuracy", "--data", str(dataset), "--seeds", "0", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=r"--seeds 0: .* 1 or more"):
+        args.func(args)
 
 
 

@@ -215,10 +215,14 @@ def _result_line(seed: int, label: str, row: dict) -> str:
 def check_row_configs(args) -> None:
     """Build every row's config at every grid point: a bad --set, --ablation or grid key fails now, not after
     the fits before it."""
-    ours = our_rows_wanted(args)
-    for _, sets in ours:
-        for point in (parse_grid(args.our_grid) if ours else [[]]):
+    for _, sets in our_rows_wanted(args):
+        for point in our_grid_points(args):
             seed_config(args, 0, sets + point)
+
+
+def our_grid_points(args) -> list[list[str]]:
+    """--our-grid's points (override lists); one empty point when there is nothing to search or no row of ours."""
+    return parse_grid(args.our_grid) if our_rows_wanted(args) else [[]]
 
 
 def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
@@ -258,7 +262,7 @@ def run_all(args) -> tuple[list[dict], dict]:
     seeds = list(range(args.seeds))
     names = [n for n in args.baselines.split(",") if n]
     ours = our_rows_wanted(args)
-    points = parse_grid(args.our_grid) if ours else [[]]
+    points = our_grid_points(args)
     searched = len(points) > 1
     grid_jobs = [(_grid_label(p), ["model.variant=fused"] + p) for p in points] if searched else []
     per_seed: list[dict] = [{} for _ in seeds]
@@ -529,7 +533,7 @@ def planned_fits(args) -> tuple[int, int]:
     seed (the chosen one is reused as that seed's fused row), every row of ours on every seed, and SASRec at each
     point of its grid on the first seed and once on each later seed."""
     ours = our_rows_wanted(args)
-    points = parse_grid(args.our_grid) if ours else [[]]
+    points = our_grid_points(args)
     n_ours = args.seeds * len(ours)
     if len(points) > 1:
         n_ours += len(points) - (1 if ("ours:fused", ["model.variant=fused"]) in ours else 0)
@@ -549,7 +553,7 @@ def seconds_per_fit(args, threads: int, min_seconds: float = 8.0, max_steps: int
     from raysparse.step import PlainStepper, steps_per_epoch
 
     _, prepared = prepared_seed(args, 0)
-    config = seed_config(args, 0, ["model.variant=fused"] + parse_grid(args.our_grid)[0])
+    config = seed_config(args, 0, ["model.variant=fused"] + our_grid_points(args)[0])
     tc = config.train
     # Built on every core: a new catalogue's item texts are encoded here, once, into the cache every fit reads.
     rec = build_recommender(config, prepared, config.data.resolved_cache_dir)
@@ -614,6 +618,9 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or guess_format(args.data)
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: give the number of fits to run side by side, 1 or more.")
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give the number of seeds to average over, 1 or more (3 for the "
+                        f"intervals the goals read).")
     if args.jobs > 1 and args.trainer == "ray":
         raise UserError(f"--jobs {args.jobs} runs fits in parallel processes, which --trainer ray does not "
                         f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")

@@ -164,9 +164,8 @@ class HybridRecommender(nn.Module):
         before the target is scored."""
         if self.dmf_item is None:          # residual: an item's vector is its own token, no column to remove from
             cand = self._item_out(None, batch["cand_items"])
-            out = {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"]}
-            out["pos"] = self.score_pairs(users, cand[batch["target_pos"]])
-            return out
+            return {"cand": self.score(users, cand), "neg_mask": batch["neg_mask"],
+                    "pos": self.score_pairs(users, cand[batch["target_pos"]])}
         sums = self.dmf_item.bag_sums(batch["col_users"], batch["col_offsets"], batch["col_weights"])
         counts = bag_counts(batch["col_offsets"], batch["col_users"].numel())
         cand = self._item_out(self.dmf_item.head(sums, counts), batch["cand_items"])
