@@ -34,8 +34,10 @@ def test_tree_memory_counts_a_child_process_and_forgets_it_when_it_exits():
                                   "b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(30)"],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
-        with_child = memory.now()
+        # Nothing here reads the level while the child lives: only the sampler thread can see it (about 10
+        # samples in 0.5 s). Comparing against a reading of our own was flaky: this process's PSS moves by a
+        # few MiB between two readings on a busy machine.
+        time.sleep(0.5)
         child.kill()
         child.wait()
         time.sleep(0.2)
@@ -43,8 +45,7 @@ def test_tree_memory_counts_a_child_process_and_forgets_it_when_it_exits():
         after = memory.now()
     finally:
         memory.stop()
-    assert with_child - base >= 280 * 2**20
-    assert peak >= with_child                      # the sampler saw the child's peak
+    assert peak - base >= 280 * 2**20               # the sampler saw the child's 300 MiB
     assert after - base < 100 * 2**20               # and the child is gone from the count
 
 

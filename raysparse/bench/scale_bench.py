@@ -91,12 +91,14 @@ class TreeMemory:
 
         self._me = psutil.Process()
         self._interval = interval_s
-        self._peak = self.now()
+        # The sampler thread and the caller's now() / mark() both touch the peak.
+        self._lock = threading.Lock()
+        self._peak = self._reading()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def now(self) -> int:
+    def _reading(self) -> int:
         pids = [self._me.pid]
         try:
             pids += [p.pid for p in self._me.children(recursive=True)]
@@ -104,14 +106,24 @@ class TreeMemory:
             pass
         return sum(_pss_bytes(pid) for pid in pids)
 
+    def now(self) -> int:
+        """The tree's memory now. Every reading counts toward the stage's peak: a level the caller saw and the
+        sampler's interval missed was still reached."""
+        level = self._reading()
+        with self._lock:
+            self._peak = max(self._peak, level)
+        return level
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._peak = max(self._peak, self.now())
+            self.now()
 
     def mark(self) -> int:
         """The peak since the last mark (or the start); the next stage starts from the current level."""
-        peak = max(self._peak, self.now())
-        self._peak = self.now()
+        level = self._reading()
+        with self._lock:
+            peak = max(self._peak, level)
+            self._peak = level
         return peak
 
     def stop(self) -> None:
