@@ -214,21 +214,18 @@ class Recommender:
         scores = self.score_inputs(self.builder.user_inputs(list(histories_newest_first)))
         return self.with_text_prior(scores, histories_newest_first)
 
-    def encode_query_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
-        """(B, H) encoder embeddings of free texts, and whether each was truncated to max_length."""
+    def encode_query_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, H) encoder embeddings of free texts, each cut to data.max_length tokens. (The HTTP layer counts a
+        text's tokens once, to tell the client when it was cut; this path tokenizes once more, to encode.)"""
         if self.model.text is None:
             raise UserError(no_text_tower_message(self.config.model.variant))
-        max_length = self.config.data.max_length
-        full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-        truncated = [len(ids) > max_length for ids in full]
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.data.max_length,
                              return_tensors="pt")
         with self.inference():
-            emb = self.model.text.encode(enc["input_ids"], enc["attention_mask"])
-        return emb, truncated
+            return self.model.text.encode(enc["input_ids"], enc["attention_mask"])
 
     def score_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        emb, _ = self.encode_query_texts(texts)
+        emb = self.encode_query_texts(texts)
         inputs = self.builder.user_inputs([np.zeros(0, np.int64) for _ in texts])
         inputs.pop("input_ids", None)
         inputs.pop("attention_mask", None)
