@@ -595,7 +595,7 @@ def time_estimate(args) -> dict:
     """How long the run will take on this machine, from `seconds_per_fit` and `planned_fits`: the fits of ours
     and SASRec's (its full-softmax training costs about what ours does) over --jobs processes. The other
     baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
-    1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5)."""
+    1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5)."""
     threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     fit = seconds_per_fit(args, threads)
     n_ours, n_sasrec = planned_fits(args)
