@@ -49,6 +49,21 @@ def test_tree_memory_counts_a_child_process_and_forgets_it_when_it_exits():
     assert after - base < 100 * 2**20               # and the child is gone from the count
 
 
+def test_tree_memory_peak_is_the_highest_reading_since_the_last_mark(monkeypatch):
+    memory = TreeMemory(interval_s=3600.0)          # the sampler thread waits an hour: only our readings count
+    try:
+        levels = iter([0, 500, 100, 100, 300, 200])
+        monkeypatch.setattr(memory, "_reading", lambda: next(levels))
+        memory.mark()                               # ends the stage the real start-up reading opened; level 0
+        assert memory.now() == 500                  # a level the caller read...
+        assert memory.now() == 100
+        assert memory.mark() == 500                 # ...is the stage's peak (mark's own reading: 100)
+        assert memory.now() == 300
+        assert memory.mark() == 300                 # the next stage starts at 100 (that mark's reading); 300 > 200
+    finally:
+        memory.stop()
+
+
 def _rows(n: int, seconds: dict[str, float], peak: float = 1.0) -> list[dict]:
     rows = [{"stage": s, "seconds": seconds.get(s, 1.0), "peak_gib": peak, "rows": n} for s in STAGES]
     rows[1].update(users=n // 150)
