@@ -100,7 +100,7 @@ def test_later_seeds_baselines_go_to_a_free_process_before_our_fits_queued_earli
                                         ("ours", 1, "fused"), ("ours", 2, "ids")]
 
 
-def test_parallel_jobs_with_the_ray_trainer_is_refused_with_the_fix(dataset, tmp_path):
+def test_bad_jobs_or_seeds_and_parallel_jobs_with_the_ray_trainer_are_refused_with_the_fix(dataset, tmp_path):
     from raysparse.bench.accuracy import register_bench
     from raysparse.errors import UserError
     import argparse

@@ -215,8 +215,9 @@ def _result_line(seed: int, label: str, row: dict) -> str:
 def check_row_configs(args) -> None:
     """Build every row's config at every grid point: a bad --set, --ablation or grid key fails now, not after
     the fits before it."""
+    points = our_grid_points(args)
     for _, sets in our_rows_wanted(args):
-        for point in our_grid_points(args):
+        for point in points:
             seed_config(args, 0, sets + point)
 
 
@@ -615,7 +616,6 @@ def estimate_line(est: dict, jobs: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    fmt = args.format or guess_format(args.data)
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: give the number of fits to run side by side, 1 or more.")
     if args.seeds < 1:
@@ -624,6 +624,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs > 1 and args.trainer == "ray":
         raise UserError(f"--jobs {args.jobs} runs fits in parallel processes, which --trainer ray does not "
                         f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")
+    fmt = args.format or guess_format(args.data)
     folder = dataset_folder(args.data, fmt)
     # Every fit (and each Ray worker) reads the dataset folder itself; the split depends only on the seeds.
     args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
