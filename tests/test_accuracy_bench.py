@@ -4,6 +4,7 @@ numbers, later seeds reuse the first seed's tuned hyper-parameters, and --jobs 2
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -240,3 +241,168 @@ def test_the_time_estimate_times_real_steps_and_counts_an_epochs_targets(dataset
     assert est["minutes"] == pytest.approx((9 + 3) * est["fit_seconds"] / 60)
     assert f"~{est['minutes']:.0f} min" in estimate_line(est, 1)
     _PREPARED.clear()
+
+
+# ---- --resume: a stopped run goes on where it stopped ---------------------------------------------------------
+RESUME_ARGV = ["--variants", "ids,fused", "--baselines", "popularity,ease", "--our-grid", "model.dropout=0.0|0.5"]
+
+
+def _bench_seeds(dataset, out, seeds: str, *extra: str) -> dict:
+    from raysparse.cli import main
+
+    code = main(["bench", "accuracy", "--data", str(dataset), "--seeds", seeds, "--fast", "--trainer", "local",
+                 "--out", str(out), "--set", "model.attention_dim=16", "--set", "model.residual_hidden_dim=16",
+                 "--set", "model.dmf_user_layers=[16]", "--set", "model.dmf_item_layers=[16]", *RESUME_ARGV, *extra])
+    assert code == 0
+    return json.loads((out / "accuracy.json").read_text())
+
+
+def _rows(result: dict) -> list[dict]:
+    """Every number a run reports per seed and row, without the fields that time it."""
+    return [{row: {k: v for k, v in fields.items() if k not in ("seconds", "fit_seconds")}
+             for row, fields in rows.items()} for rows in result["per_seed"]]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_resume_runs_only_the_jobs_left_and_reports_what_one_run_does(dataset, tmp_path, capfd, jobs):
+    """A 2-seed run whose seed-1 ids fit never finished (its saved file removed, as a killed run leaves it):
+    --resume trains that one fit alone and reports every number the whole run reported. Known counts: the run
+    has 2 baseline jobs + 2 grid fits + ids on seed 0 + ids and fused on seed 1 = 7 jobs."""
+    out = tmp_path / "run"
+    whole = _bench_seeds(dataset, out, "2", "--jobs", jobs)
+    saved = sorted((out / "finished").glob("*.json"))
+    assert len(saved) == 7
+    capfd.readouterr()
+    killed = [p for p in saved if p.name.startswith("ours-seed1-")
+              and json.loads(p.read_text())["identity"]["payload"][0] == "ours:ids"]
+    assert len(killed) == 1
+    killed[0].unlink()
+    resumed = _bench_seeds(dataset, out, "2", "--jobs", jobs, "--resume")
+    printed = capfd.readouterr().out
+    assert [line for line in printed.splitlines() if ": training ours:" in line] == ["  seed 1: training ours:ids ..."]
+    assert "--resume: 6 finished job(s)" in printed
+    assert printed.count("[finished in an earlier run: --resume]") == 2 * 2 + 4   # 2 baseline rows a seed + 4 fits
+    assert _rows(resumed) == _rows(whole)
+    assert resumed["our_choice"] == whole["our_choice"]
+    assert "6 job(s) finished in an earlier run and reused" in (out / "accuracy.md").read_text()
+
+
+def test_more_seeds_reuse_the_first_seeds_jobs_and_changed_settings_reuse_nothing(dataset, tmp_path, capfd):
+    out = tmp_path / "run"
+    one = _bench_seeds(dataset, out, "1")
+    capfd.readouterr()
+    two = _bench_seeds(dataset, out, "2", "--resume")
+    printed = capfd.readouterr().out
+    trained = [line.strip() for line in printed.splitlines() if ": training ours:" in line]
+    assert trained == ["seed 1: training ours:ids ...", "seed 1: training ours:fused ..."]
+    assert _rows(two)[0] == _rows(one)[0]
+    # another --set is another run: its jobs are not reused, and without --resume the run says what it found
+    changed = _bench_seeds(dataset, out, "1", "--set", "model.text_prior=0.5", "--resume")
+    printed = capfd.readouterr().out
+    assert "--resume: 0 finished job(s)" in printed and "[finished in an earlier run" not in printed
+    assert len([line for line in printed.splitlines() if ": training ours:" in line]) == 3
+    assert changed["per_seed"][0]["popularity"]["test"] == one["per_seed"][0]["popularity"]["test"]
+    _bench_seeds(dataset, out, "1")
+    assert "add --resume to reuse them; this run does every job again" in capfd.readouterr().out
+
+
+def test_an_unreadable_saved_job_runs_again_and_says_why(dataset, tmp_path, capfd):
+    out = tmp_path / "run"
+    whole = _bench_seeds(dataset, out, "1", "--our-grid", "", "--variants", "ids")
+    saved = sorted((out / "finished").glob("ours-*.json"))
+    assert len(saved) == 1
+    saved[0].write_text('{"identity": ')                 # cut short, as a full disk leaves a file
+    capfd.readouterr()
+    again = _bench_seeds(dataset, out, "1", "--our-grid", "", "--variants", "ids", "--resume")
+    printed = capfd.readouterr().out
+    assert f"{saved[0]}: unreadable" in printed and "running this job again" in printed
+    assert [line for line in printed.splitlines() if ": training ours:" in line] == ["  seed 0: training ours:ids ..."]
+    assert _rows(again) == _rows(whole)
+    assert json.loads(saved[0].read_text())["result"]["ours:ids"]["val"] == whole["per_seed"][0]["ours:ids"]["val"]
+
+
+def test_finished_jobs_fingerprint_names_the_code_config_data_and_flags(tmp_path):
+    """Known answers: a changed source file, config, data file or flag gives another fingerprint; the same
+    inputs give the same one; a stored result comes back only when resuming and only for its own job."""
+    from raysparse.bench.finished_jobs import FinishedJobs, folder_listing, run_fingerprint, source_digest
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    before = source_digest(package)
+    (package / "a.py").write_text("x = 2\n")
+    assert source_digest(package) != before
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_text("u,i\n1,2\n")
+    listing = folder_listing(data)
+    assert [row[:2] for row in listing] == [["ratings.csv", 8]]
+    (data / "ratings.csv").write_text("u,i\n1,2\n3,4\n")
+    assert folder_listing(data) != listing
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {}\n")
+    base = run_fingerprint(str(config), ["a=1"], str(data), False, "local", 1)
+    assert run_fingerprint(str(config), ["a=1"], str(data), False, "local", 1) == base
+    assert run_fingerprint(str(config), ["a=2"], str(data), False, "local", 1) != base
+    assert run_fingerprint(str(config), ["a=1"], str(data), False, "local", 2) != base
+    config.write_text("model: {dropout: 0.5}\n")
+    assert run_fingerprint(str(config), ["a=1"], str(data), False, "local", 1) != base
+    config.write_text("model: {}\n")
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    with_encoder = run_fingerprint(str(config), ["a=1"], str(data), False, "local", 1, str(encoder))
+    assert with_encoder != base and with_encoder["text_model"][0][:2] == ["config.json", 2]
+    assert set(base["libraries"]) >= {"python", "torch", "numpy", "transformers", "implicit"}
+
+    store = FinishedJobs(tmp_path / "finished", base, resume=True)
+    store.put("ours", 0, ["ours:ids", ["model.variant=ids"]], {"ours:ids": {"val": 0.25}})
+    assert store.get("ours", 0, ("ours:ids", ["model.variant=ids"])) == {"ours:ids": {"val": 0.25}}
+    assert store.get("ours", 1, ["ours:ids", ["model.variant=ids"]]) is None
+    assert store.get("ours", 0, ["ours:ids", ["model.variant=ids", "model.dropout=0.5"]]) is None
+    assert FinishedJobs(tmp_path / "finished", base, resume=False).get("ours", 0, ["ours:ids",
+                                                                                   ["model.variant=ids"]]) is None
+    other = dict(base, sets=["a=2"])
+    assert FinishedJobs(tmp_path / "finished", other, resume=True).get("ours", 0, ["ours:ids",
+                                                                                   ["model.variant=ids"]]) is None
+    assert store.count_matching() == 1 and not list((tmp_path / "finished").glob("*.partial"))
+
+
+def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tmp_path, capfd):
+    """With --jobs 2 a fit that fails mid-run (its text model folder is there but its config.json is cut short:
+    the config is valid, the build is not) stops the run, but the jobs that finished are saved; the same command
+    with --resume and the row mended trains nothing again."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": ')
+    out = tmp_path / "run"
+    argv = ["--variants", "ids", "--our-grid", "", "--jobs", "2"]
+    with pytest.raises(Exception):
+        _bench_seeds(dataset, out, "1", *argv, "--ablation", f"broken:model.text_model={broken}")
+    assert "a job failed (ours, seed 0)" in capfd.readouterr().out
+    saved = sorted(p.name.split("-seed")[0] for p in (out / "finished").glob("*.json"))
+    assert saved == ["baselines", "ours"]
+    capfd.readouterr()
+    _bench_seeds(dataset, out, "1", *argv, "--resume")
+    printed = capfd.readouterr().out
+    assert ": training ours:" not in printed and "--resume: 2 finished job(s)" in printed
+
+
+def test_a_text_model_folder_that_is_not_there_is_refused_before_any_fit(dataset, tmp_path, capfd):
+    """A mistyped folder used to reach Hugging Face as a hub id ("Repo id must be in the form ..."); it is
+    refused up front, naming the setting and the fix, and a folder without config.json likewise."""
+    from raysparse.errors import ConfigError
+    from raysparse.model.text import resolve_text_model
+
+    from raysparse.cli import main
+
+    code = main(["bench", "accuracy", "--data", str(dataset), "--seeds", "1", "--fast", "--trainer", "local",
+                 "--out", str(tmp_path / "run"), "--ablation", f"typo:model.text_model={tmp_path / 'no-model'}"])
+    printed = capfd.readouterr()
+    assert code == 2 and ": training" not in printed.out and "finished job" not in printed.out
+    assert re.search(r"error: model.text_model='.*no-model': that folder does not exist\. Give a Hugging Face "
+                     r"encoder folder", printed.err)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="that folder has no config.json"):
+        resolve_text_model(str(tmp_path / "empty"))
+    assert resolve_text_model("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"

@@ -38,6 +38,7 @@ import torch
 from raysparse.artifact import read_config
 from raysparse.bench.baselines import run_baselines
 from raysparse.bench.common import DEFAULT_ML, dataset_folder, guess_format, load_frames
+from raysparse.bench.finished_jobs import FinishedJobs, run_fingerprint
 from raysparse.build import prepare_data
 from raysparse.config import load_config
 from raysparse.errors import UserError
@@ -95,6 +96,10 @@ def register_bench(subparsers) -> None:
                         "another.")
     p.add_argument("--fast", action="store_true", help="Small grids and few epochs (smoke runs, tests).")
     p.add_argument("--out", default="runs/accuracy", help="Where the table, JSON and chart go.")
+    p.add_argument("--resume", action="store_true",
+                   help="Reuse the jobs an earlier run with the same code, config, data and flags finished (saved "
+                        "in --out/finished as each job ends) and run only the rest: a stopped run goes on where it "
+                        "stopped, and a run with more --seeds reuses the first seeds' jobs.")
     p.set_defaults(func=run)
 
 
@@ -213,12 +218,14 @@ def _result_line(seed: int, label: str, row: dict) -> str:
 
 
 def check_row_configs(args) -> None:
-    """Build every row's config at every grid point: a bad --set, --ablation or grid key fails now, not after
-    the fits before it."""
+    """Build every row's config at every grid point: a bad --set, --ablation or grid key, or a text model folder
+    that is not there, fails now, not after the fits before it."""
     points = our_grid_points(args)
     for _, sets in our_rows_wanted(args):
         for point in points:
-            seed_config(args, 0, sets + point)
+            text_model = seed_config(args, 0, sets + point).model.text_model
+            if text_model:                      # empty: the packaged MiniLM, checked where a row reads text
+                resolve_text_model(text_model)
 
 
 def our_grid_points(args) -> list[list[str]]:
@@ -232,14 +239,43 @@ def our_rows_wanted(args) -> list[tuple[str, list[str]]]:
     return rows + [(f"ours:{name}", sets) for name, sets in map(parse_ablation, args.ablation)]
 
 
-def _job(kind: str, args, seed: int, payload, threads: int):
-    """One unit of work in a pool process: a seed's baselines, or one of our rows."""
-    torch.set_num_threads(threads)
-    keep_freed_memory()           # the baselines (SASRec) gain from it as much as our models
+def _compute(kind: str, args, seed: int, payload):
+    """One unit of work: a seed's baselines (payload: the hyper-parameters they reuse; returns (rows, chosen)),
+    or one of our rows (payload: (label, overrides); returns {label: row})."""
     if kind == "baselines":
         return baseline_rows(args, seed, payload)
     label, sets = payload
     return {label: our_row(args, seed, label, sets)}
+
+
+def _job(kind: str, args, seed: int, payload, threads: int):
+    """`_compute` in a pool process of `threads` torch threads."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()           # the baselines (SASRec) gain from it as much as our models
+    return _compute(kind, args, seed, payload)
+
+
+def job_identity(kind: str, args, payload):
+    """What a job is, for FinishedJobs: our fit by its label and overrides; a seed's baselines by which ones run
+    and the hyper-parameters they reuse from the first seed."""
+    if kind == "baselines":
+        return {"baselines": [n for n in args.baselines.split(",") if n], "reused": payload}
+    return list(payload)
+
+
+def stored_result(store: FinishedJobs | None, kind: str, args, seed: int, payload):
+    """A job's result from an earlier run (--resume), printed as if it had just run; None when not stored."""
+    result = store.get(kind, seed, job_identity(kind, args, payload)) if store else None
+    if result is not None:
+        rows = result[0] if kind == "baselines" else result
+        for label, row in rows.items():
+            print(_result_line(seed, label, row) + " [finished in an earlier run: --resume]", flush=True)
+    return result
+
+
+def keep_result(store: FinishedJobs | None, kind: str, args, seed: int, payload, result) -> None:
+    if store is not None:
+        store.put(kind, seed, job_identity(kind, args, payload), result)
 
 
 def _grid_label(point: list[str]) -> str:
@@ -252,14 +288,14 @@ def choose_our_point(grid_rows: dict[str, dict], points: list[list[str]]) -> lis
     return points[int(np.argmax(scores))]
 
 
-def run_all(args) -> tuple[list[dict], dict]:
+def run_all(args, store: FinishedJobs | None = None) -> tuple[list[dict], dict]:
     """Rows of every seed: {row: {'val', 'test', 'seconds', ...}} per seed, baselines first in each; and the
     choices made on validation ({'grid': {label: validation NDCG@10}, 'chosen': overrides}).
 
     First seed first: the baselines tune their grids on it and the fused model is fitted at every point of
     --our-grid on it; later seeds and our other rows reuse those choices. With --jobs N > 1 the fits run side by
     side in N processes of cores // N torch threads each (a seed's baselines are one job; each of our fits is
-    one)."""
+    one). `store`: where each finished job is saved, and read back when resuming."""
     seeds = list(range(args.seeds))
     names = [n for n in args.baselines.split(",") if n]
     ours = our_rows_wanted(args)
@@ -291,22 +327,29 @@ def run_all(args) -> tuple[list[dict], dict]:
             results[("ours:fused", 0)] = {"ours:fused": grid_rows[_grid_label(point)]}
         return point
 
+    def run_here(kind: str, seed: int, payload):
+        result = stored_result(store, kind, args, seed, payload)
+        if result is None:
+            result = _compute(kind, args, seed, payload)
+            keep_result(store, kind, args, seed, payload, result)
+        return result
+
     if args.jobs <= 1:
         for seed in seeds:
             if names:
-                rows, picked = baseline_rows(args, seed, chosen)
+                rows, picked = run_here("baselines", seed, dict(chosen))
                 results[("baselines", seed)] = rows
                 for name, params in picked.items():
                     chosen.setdefault(name, params)
             if seed == 0:
                 for label, sets in grid_jobs:
-                    results[(label, 0)] = {label: our_row(args, 0, label, sets)}
+                    results[(label, 0)] = run_here("ours", 0, (label, sets))
                 point = finish_grid() if searched else points[0]
-            for label, job_seed, (row_label, sets) in later_jobs(point):
+            for label, job_seed, payload in later_jobs(point):
                 if job_seed == seed:
-                    results[(label, seed)] = {row_label: our_row(args, seed, row_label, sets)}
+                    results[(label, seed)] = run_here("ours", seed, payload)
     else:
-        _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results)
+        _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results, store)
     for seed in seeds:                                  # the table's row order: baselines, then ours
         per_seed[seed].update(results.get(("baselines", seed), {}))
         for label, _ in ours:
@@ -328,22 +371,42 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
-def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results) -> None:
+def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results,
+                  store: FinishedJobs | None = None) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
-    depends on their choices."""
+    depends on their choices. A job found in `store` (--resume) is not run: its result counts as just finished."""
     threads = max(1, available_cores() // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
         waiting: list[tuple[str, int, object, str]] = []    # handed to the pool only as its processes free up
+        grid_left = [len(grid_jobs)]
 
         def submit(kind: str, seed: int, payload, key: str) -> None:
-            waiting.append((kind, seed, payload, key))
+            result = stored_result(store, kind, args, seed, payload)
+            if result is None:
+                waiting.append((kind, seed, payload, key))
+            else:
+                finished(key, seed, result)
+
+        def finished(key: str, seed: int, result) -> None:
+            """A job's result is in: keep it, and queue the jobs that were waiting for its choices."""
+            if key == "baselines":
+                result, picked = result
+                if seed == 0:
+                    for later in seeds[1:]:
+                        submit("baselines", later, picked, "baselines")
+            results[(key, seed)] = result
+            if key.startswith("ours:fused[") and searched:
+                grid_left[0] -= 1
+                if grid_left[0] == 0:
+                    for label, job_seed, payload in later_jobs(finish_grid()):
+                        submit("ours", job_seed, payload, label)
 
         def start_free() -> None:
             waiting[:] = baselines_first(waiting)
             while waiting and len(pending) < args.jobs:
                 kind, seed, payload, key = waiting.pop(0)
-                pending[pool.submit(_job, kind, args, seed, payload, threads)] = (key, seed)
+                pending[pool.submit(_job, kind, args, seed, payload, threads)] = (kind, seed, payload, key)
 
         for label, sets in grid_jobs:
             submit("ours", 0, (label, sets), label)
@@ -352,28 +415,29 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
         if not searched:
             for label, seed, payload in later_jobs(points[0]):
                 submit("ours", seed, payload, label)
-        grid_left = len(grid_jobs)
         start_free()
+        failure: BaseException | None = None
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            if any(future.exception() for future in done):    # stop the queue: the run cannot complete
-                waiting.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
             for future in done:
-                key, seed = pending.pop(future)
+                kind, seed, payload, key = pending.pop(future)
+                if future.exception() is not None:
+                    # The run cannot complete: start nothing more, but let the running jobs finish and be saved,
+                    # so that --resume runs only what is left.
+                    if failure is None and pending:
+                        print(f"a job failed ({kind}, seed {seed}); waiting for the {len(pending)} running "
+                              f"job(s) to finish and be saved, then stopping", flush=True)
+                    failure = failure or future.exception()
+                    waiting.clear()
+                    continue
                 result = future.result()
-                if key == "baselines":
-                    result, picked = result
-                    if seed == 0:
-                        for later in seeds[1:]:
-                            submit("baselines", later, picked, "baselines")
-                results[(key, seed)] = result
-                if key.startswith("ours:fused[") and searched:
-                    grid_left -= 1
-                    if grid_left == 0:
-                        for label, job_seed, payload in later_jobs(finish_grid()):
-                            submit("ours", job_seed, payload, label)
-            start_free()
+                keep_result(store, kind, args, seed, payload, result)
+                if failure is None:
+                    finished(key, seed, result)
+            if failure is None:
+                start_free()
+        if failure is not None:
+            raise failure
 
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict]:
@@ -626,6 +690,7 @@ def run(args: argparse.Namespace) -> int:
                         f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")
     fmt = args.format or guess_format(args.data)
     folder = dataset_folder(args.data, fmt)
+    given_sets = list(args.sets) + [f"data.format={fmt}"]
     # Every fit (and each Ray worker) reads the dataset folder itself; the split depends only on the seeds.
     args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
     out = Path(args.out)
@@ -637,6 +702,24 @@ def run(args: argparse.Namespace) -> int:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     keep_freed_memory()           # before any fit in this process, baselines included (see its docstring)
     check_row_configs(args)
+    # The data as given (a converted layout lands in a new temporary folder each run), the --set overrides as
+    # given, the threads each fit will get.
+    threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
+    try:
+        text_model = resolve_text_model(seed_config(args, 0).model.text_model)
+    except UserError:                   # no packaged MiniLM: only rows without text can run, and they say so
+        text_model = ""
+    store = FinishedJobs(out / "finished", run_fingerprint(args.config, given_sets, args.data, args.fast,
+                                                           args.trainer, threads, text_model), args.resume)
+    found = store.count_matching()
+    if args.resume:
+        print(f"--resume: {found} finished job(s) of a run with this code, config, data and these flags are in "
+              f"{store.folder}; they are reused, the others run", flush=True)
+    elif found:
+        print(f"{found} finished job(s) of a run with this code, config, data and these flags are in {store.folder}: "
+              f"add --resume to reuse them; this run does every job again", flush=True)
+    print(f"each job is saved to {store.folder} as it ends: if this run stops, the same command with --resume "
+          f"runs only the jobs left", flush=True)
     estimate = None
     if not args.fast and our_rows_wanted(args):
         # Measured before the fits: on a larger data set than the dev sets the run can take hours (full-softmax
@@ -645,7 +728,7 @@ def run(args: argparse.Namespace) -> int:
         print(estimate_line(estimate, args.jobs), flush=True)
         if args.jobs > 1:
             _PREPARED.clear()     # the fits run in other processes; do not hold the split here meanwhile
-    per_seed, choice = run_all(args)
+    per_seed, choice = run_all(args, store)
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
     ndcg = markdown_table(agg, "ndcg@10")
@@ -658,9 +741,12 @@ def run(args: argparse.Namespace) -> int:
             text_prior_line(per_seed) +
             f"\n\nWall time: {wall / 60:.1f} min on this machine"
             + (f" (estimated at the start: {estimate['minutes']:.0f} min)" if estimate else "")
+            + (f"; {store.reused} job(s) finished in an earlier run and reused (--resume; their seconds are "
+               f"their own)" if store.reused else "")
             + f"; data: {args.data} ({fmt or 'standard schema'}); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
-            + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "") + "\n")
+            + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "")
+            + (" --resume" if args.resume else "") + "\n")
     print("\n" + text)
     (out / "accuracy.md").write_text(text)
     (out / "accuracy.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg, "wall_seconds": wall,

