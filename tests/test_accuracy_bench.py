@@ -206,6 +206,25 @@ def test_planned_fits_count_the_runs_fits():
                                 "--our-grid", "model.dropout=0.3|0.5|0.7")) == (4, 2)
 
 
+def test_a_resumed_runs_estimate_counts_only_the_fits_left():
+    """Known answers on the default 3-seed run (13 fits of ours, 4 of SASRec): a finished grid fit and a later
+    seed's ids row are 2 of ours; seed 0's baselines hold SASRec's 2 grid fits and seed 1's one more; a job of a
+    seed or row this run does not plan, and the seed-0 fused row (the grid's own fit), count for nothing."""
+    from raysparse.bench.accuracy import BASELINE_NAMES, fits_left
+
+    baselines = {"baselines": BASELINE_NAMES, "reused": {}}
+    finished = [("ours", 0, ["ours:fused[model.dropout=0.3]", ["model.variant=fused", "model.dropout=0.3"]]),
+                ("ours", 1, ["ours:ids", ["model.variant=ids", "model.dropout=0.5"]]),
+                ("baselines", 0, baselines), ("baselines", 1, baselines),
+                ("ours", 0, ["ours:fused", ["model.variant=fused", "model.dropout=0.5"]]),
+                ("ours", 5, ["ours:ids", ["model.variant=ids", "model.dropout=0.5"]]),
+                ("ours", 0, ["ours:other", ["model.dropout=0.1"]])]
+    assert fits_left(_parsed("--seeds", "3"), []) == (13, 4)
+    assert fits_left(_parsed("--seeds", "3"), finished) == (11, 1)
+    no_sasrec = {"baselines": ["ease"], "reused": {}}
+    assert fits_left(_parsed("--seeds", "3"), [("baselines", 0, no_sasrec)]) == (13, 4)
+
+
 def test_a_grid_runs_the_fits_planned_fits_counts(dataset, tmp_path, capfd):
     from raysparse.bench.accuracy import planned_fits
 
@@ -365,7 +384,7 @@ def test_finished_jobs_fingerprint_names_the_code_config_data_and_flags(tmp_path
     other = dict(base, sets=["a=2"])
     assert FinishedJobs(tmp_path / "finished", other, resume=True).get("ours", 0, ["ours:ids",
                                                                                    ["model.variant=ids"]]) is None
-    assert store.count_matching() == 1 and not list((tmp_path / "finished").glob("*.partial"))
+    assert store.matching() == [("ours", 0, ["ours:ids", ["model.variant=ids"]])] and not list((tmp_path / "finished").glob("*.partial"))
 
 
 def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tmp_path, capfd):

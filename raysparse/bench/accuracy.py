@@ -608,6 +608,24 @@ def planned_fits(args) -> tuple[int, int]:
     return n_ours, n_sasrec
 
 
+def fits_left(args, finished: list[tuple[str, int, object]]) -> tuple[int, int]:
+    """`planned_fits` less the fits of jobs already finished (FinishedJobs.matching(), when resuming): a fit of
+    ours this run plans (a grid fit on the first seed, or a row of ours on one of its seeds), and the SASRec fits
+    inside a finished seed's baselines (its grid's on the first seed, one on each later seed)."""
+    n_ours, n_sasrec = planned_fits(args)
+    ours = {label for label, _ in our_rows_wanted(args)}
+    grid = {_grid_label(p) for p in our_grid_points(args)} if len(our_grid_points(args)) > 1 else set()
+    for kind, seed, job in finished:
+        if seed >= args.seeds:
+            continue
+        if kind == "ours" and ((seed == 0 and job[0] in grid) or
+                               (job[0] in ours and not (grid and seed == 0 and job[0] == "ours:fused"))):
+            n_ours -= 1
+        elif kind == "baselines" and "sasrec" in job["baselines"] and n_sasrec:
+            n_sasrec -= int(np.prod([len(v) for v in SASREC_BENCH_GRID.values()])) if seed == 0 else 1
+    return max(n_ours, 0), max(n_sasrec, 0)
+
+
 def seconds_per_fit(args, threads: int, min_seconds: float = 8.0, max_steps: int = 50) -> dict:
     """Seconds of one fit of ours, measured before the run on `threads` torch threads: the fused model (the
     grid's first point) on the first seed's data takes one warm-up step, then steps until `min_seconds` have
@@ -656,14 +674,15 @@ def seconds_per_fit(args, threads: int, min_seconds: float = 8.0, max_steps: int
             "items": prepared.split.n_items, "threads": threads, "timed_steps": n_steps}
 
 
-def time_estimate(args) -> dict:
+def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
     """How long the run will take on this machine, from `seconds_per_fit` and `planned_fits`: the fits of ours
     and SASRec's (its full-softmax training costs about what ours does) over --jobs processes. The other
     baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
-    1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5)."""
+    1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5).
+    `finished`: jobs an earlier run finished (--resume), whose fits are not counted."""
     threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     fit = seconds_per_fit(args, threads)
-    n_ours, n_sasrec = planned_fits(args)
+    n_ours, n_sasrec = fits_left(args, finished)
     fit["minutes"] = (n_ours + n_sasrec) * fit["fit_seconds"] / args.jobs / 60
     fit.update(ours_fits=n_ours, sasrec_fits=n_sasrec)
     return fit
@@ -674,7 +693,7 @@ def estimate_line(est: dict, jobs: int) -> str:
             f"({est['epochs']} epochs of {est['targets']:,} targets over {est['items']:,} items at "
             f"{est['epoch_seconds']:.1f} s + {est['validation_seconds']:.1f} s of validation, on "
             f"{est['threads']} thread(s), measured over {est['timed_steps']} steps); {est['ours_fits']} fits of "
-            f"ours and {est['sasrec_fits']} of SASRec on {jobs} process(es). Cheaper: --seeds 1, --our-grid '', "
+            f"ours and {est['sasrec_fits']} of SASRec to run on {jobs} process(es). Cheaper: --seeds 1, --our-grid '', "
             f"--variants fused.")
 
 
@@ -711,7 +730,8 @@ def run(args: argparse.Namespace) -> int:
         text_model = ""
     store = FinishedJobs(out / "finished", run_fingerprint(args.config, given_sets, args.data, args.fast,
                                                            args.trainer, threads, text_model), args.resume)
-    found = store.count_matching()
+    finished = store.matching()
+    found = len(finished)
     if args.resume:
         print(f"--resume: {found} finished job(s) of a run with this code, config, data and these flags are in "
               f"{store.folder}; they are reused, the others run", flush=True)
@@ -724,7 +744,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.fast and our_rows_wanted(args):
         # Measured before the fits: on a larger data set than the dev sets the run can take hours (full-softmax
         # training costs targets x catalogue), and the one running it should know that now, not at the end.
-        estimate = time_estimate(args)
+        estimate = time_estimate(args, finished if args.resume else ())
         print(estimate_line(estimate, args.jobs), flush=True)
         if args.jobs > 1:
             _PREPARED.clear()     # the fits run in other processes; do not hold the split here meanwhile

@@ -113,15 +113,17 @@ class FinishedJobs:
         partial.write_text(json.dumps({"identity": self._identity(kind, seed, payload), "result": result}))
         partial.replace(path)
 
-    def count_matching(self) -> int:
-        """Stored files of this run's fingerprint (any job): what --resume would find."""
+    def matching(self) -> list[tuple[str, int, object]]:
+        """(kind, seed, job) of every stored file with this run's fingerprint: what --resume would find."""
         if not self.folder.is_dir():
-            return 0
-        matching = 0
-        for path in self.folder.glob("*.json"):
+            return []
+        run = self._identity("", 0, None)["run"]
+        found = []
+        for path in sorted(self.folder.glob("*.json")):
             try:
-                if json.loads(path.read_text()).get("identity", {}).get("run") == self._identity("", 0, None)["run"]:
-                    matching += 1
+                identity = json.loads(path.read_text()).get("identity", {})
             except (OSError, ValueError):
                 continue
-        return matching
+            if identity.get("run") == run:
+                found.append((identity["kind"], identity["seed"], identity["payload"]))
+        return found
