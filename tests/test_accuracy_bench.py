@@ -262,7 +262,7 @@ def test_the_time_estimate_times_real_steps_and_counts_an_epochs_targets(dataset
     _PREPARED.clear()
 
 
-# ---- --resume: a stopped run goes on where it stopped ---------------------------------------------------------
+# ---- a stopped run goes on where it stopped (--fresh: it does not) ------------------------------------------------------
 RESUME_ARGV = ["--variants", "ids,fused", "--baselines", "popularity,ease", "--our-grid", "model.dropout=0.0|0.5"]
 
 
@@ -285,7 +285,7 @@ def _rows(result: dict) -> list[dict]:
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_resume_runs_only_the_jobs_left_and_reports_what_one_run_does(dataset, tmp_path, capfd, jobs):
     """A 2-seed run whose seed-1 ids fit never finished (its saved file removed, as a killed run leaves it):
-    --resume trains that one fit alone and reports every number the whole run reported. Known counts: the run
+    the same command trains that one fit alone and reports every number the whole run reported. Known counts: the run
     has 2 baseline jobs + 2 grid fits + ids on seed 0 + ids and fused on seed 1 = 7 jobs."""
     out = tmp_path / "run"
     whole = _bench_seeds(dataset, out, "2", "--jobs", jobs)
@@ -296,11 +296,11 @@ def test_resume_runs_only_the_jobs_left_and_reports_what_one_run_does(dataset, t
               and json.loads(p.read_text())["identity"]["payload"][0] == "ours:ids"]
     assert len(killed) == 1
     killed[0].unlink()
-    resumed = _bench_seeds(dataset, out, "2", "--jobs", jobs, "--resume")
+    resumed = _bench_seeds(dataset, out, "2", "--jobs", jobs)
     printed = capfd.readouterr().out
     assert [line for line in printed.splitlines() if ": training ours:" in line] == ["  seed 1: training ours:ids ..."]
-    assert "--resume: 6 finished job(s)" in printed
-    assert printed.count("[finished in an earlier run: --resume]") == 2 * 2 + 4   # 2 baseline rows a seed + 4 fits
+    assert "resuming: 6 finished job(s)" in printed
+    assert printed.count("[finished in an earlier run]") == 2 * 2 + 4   # 2 baseline rows a seed + 4 fits
     assert _rows(resumed) == _rows(whole)
     assert resumed["our_choice"] == whole["our_choice"]
     assert "6 job(s) finished in an earlier run and reused" in (out / "accuracy.md").read_text()
@@ -310,19 +310,21 @@ def test_more_seeds_reuse_the_first_seeds_jobs_and_changed_settings_reuse_nothin
     out = tmp_path / "run"
     one = _bench_seeds(dataset, out, "1")
     capfd.readouterr()
-    two = _bench_seeds(dataset, out, "2", "--resume")
+    two = _bench_seeds(dataset, out, "2")
     printed = capfd.readouterr().out
     trained = [line.strip() for line in printed.splitlines() if ": training ours:" in line]
     assert trained == ["seed 1: training ours:ids ...", "seed 1: training ours:fused ..."]
     assert _rows(two)[0] == _rows(one)[0]
-    # another --set is another run: its jobs are not reused, and without --resume the run says what it found
-    changed = _bench_seeds(dataset, out, "1", "--set", "model.text_prior=0.5", "--resume")
+    # another --set is another run: its jobs are not reused; with --fresh the run says what it did not reuse
+    changed = _bench_seeds(dataset, out, "1", "--set", "model.text_prior=0.5")
     printed = capfd.readouterr().out
-    assert "--resume: 0 finished job(s)" in printed and "[finished in an earlier run" not in printed
+    assert "resuming" not in printed and "[finished in an earlier run" not in printed
     assert len([line for line in printed.splitlines() if ": training ours:" in line]) == 3
     assert changed["per_seed"][0]["popularity"]["test"] == one["per_seed"][0]["popularity"]["test"]
-    _bench_seeds(dataset, out, "1")
-    assert "add --resume to reuse them; this run does every job again" in capfd.readouterr().out
+    _bench_seeds(dataset, out, "1", "--fresh")
+    printed = capfd.readouterr().out
+    assert "--fresh: the 7 finished job(s)" in printed   # seed 0: baselines, 2 grid fits, ids; seed 1: 3 and "every job runs again" in printed
+    assert len([line for line in printed.splitlines() if ": training ours:" in line]) == 3
 
 
 def test_an_unreadable_saved_job_runs_again_and_says_why(dataset, tmp_path, capfd):
@@ -332,7 +334,7 @@ def test_an_unreadable_saved_job_runs_again_and_says_why(dataset, tmp_path, capf
     assert len(saved) == 1
     saved[0].write_text('{"identity": ')                 # cut short, as a full disk leaves a file
     capfd.readouterr()
-    again = _bench_seeds(dataset, out, "1", "--our-grid", "", "--variants", "ids", "--resume")
+    again = _bench_seeds(dataset, out, "1", "--our-grid", "", "--variants", "ids")
     printed = capfd.readouterr().out
     assert f"{saved[0]}: unreadable" in printed and "running this job again" in printed
     assert [line for line in printed.splitlines() if ": training ours:" in line] == ["  seed 0: training ours:ids ..."]
@@ -390,7 +392,7 @@ def test_finished_jobs_fingerprint_names_the_code_config_data_and_flags(tmp_path
 def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tmp_path, capfd):
     """With --jobs 2 a fit that fails mid-run (its text model folder is there but its config.json is cut short:
     the config is valid, the build is not) stops the run, but the jobs that finished are saved; the same command
-    with --resume and the row mended trains nothing again."""
+    with the row mended trains nothing again."""
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": ')
@@ -402,9 +404,9 @@ def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tm
     saved = sorted(p.name.split("-seed")[0] for p in (out / "finished").glob("*.json"))
     assert saved == ["baselines", "ours"]
     capfd.readouterr()
-    _bench_seeds(dataset, out, "1", *argv, "--resume")
+    _bench_seeds(dataset, out, "1", *argv)
     printed = capfd.readouterr().out
-    assert ": training ours:" not in printed and "--resume: 2 finished job(s)" in printed
+    assert ": training ours:" not in printed and "resuming: 2 finished job(s)" in printed
 
 
 def test_a_text_model_folder_that_is_not_there_is_refused_before_any_fit(dataset, tmp_path, capfd):

@@ -96,10 +96,10 @@ def register_bench(subparsers) -> None:
                         "another.")
     p.add_argument("--fast", action="store_true", help="Small grids and few epochs (smoke runs, tests).")
     p.add_argument("--out", default="runs/accuracy", help="Where the table, JSON and chart go.")
-    p.add_argument("--resume", action="store_true",
-                   help="Reuse the jobs an earlier run with the same code, config, data and flags finished (saved "
-                        "in --out/finished as each job ends) and run only the rest: a stopped run goes on where it "
-                        "stopped, and a run with more --seeds reuses the first seeds' jobs.")
+    p.add_argument("--fresh", action="store_true",
+                   help="Run every job again. By default a job an earlier run with the same code, config, data and "
+                        "flags finished (saved in --out/finished as each job ends) is reused: a stopped run goes "
+                        "on where it stopped, and a run with more --seeds reuses the first seeds' jobs.")
     p.set_defaults(func=run)
 
 
@@ -264,12 +264,12 @@ def job_identity(kind: str, args, payload):
 
 
 def stored_result(store: FinishedJobs | None, kind: str, args, seed: int, payload):
-    """A job's result from an earlier run (--resume), printed as if it had just run; None when not stored."""
+    """A job's result from an earlier run, printed as if it had just run; None when not stored (or --fresh)."""
     result = store.get(kind, seed, job_identity(kind, args, payload)) if store else None
     if result is not None:
         rows = result[0] if kind == "baselines" else result
         for label, row in rows.items():
-            print(_result_line(seed, label, row) + " [finished in an earlier run: --resume]", flush=True)
+            print(_result_line(seed, label, row) + " [finished in an earlier run]", flush=True)
     return result
 
 
@@ -374,7 +374,7 @@ def available_cores() -> int:
 def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, searched, points, results,
                   store: FinishedJobs | None = None) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
-    depends on their choices. A job found in `store` (--resume) is not run: its result counts as just finished."""
+    depends on their choices. A job found in `store` is not run: its result counts as just finished."""
     threads = max(1, available_cores() // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
@@ -423,7 +423,7 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
                 kind, seed, payload, key = pending.pop(future)
                 if future.exception() is not None:
                     # The run cannot complete: start nothing more, but let the running jobs finish and be saved,
-                    # so that --resume runs only what is left.
+                    # so that the same command runs only what is left.
                     if failure is None and pending:
                         print(f"a job failed ({kind}, seed {seed}); waiting for the {len(pending)} running "
                               f"job(s) to finish and be saved, then stopping", flush=True)
@@ -679,7 +679,7 @@ def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
     and SASRec's (its full-softmax training costs about what ours does) over --jobs processes. The other
     baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
     1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5).
-    `finished`: jobs an earlier run finished (--resume), whose fits are not counted."""
+    `finished`: jobs an earlier run finished, reused by this one, whose fits are not counted."""
     threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     fit = seconds_per_fit(args, threads)
     n_ours, n_sasrec = fits_left(args, finished)
@@ -729,22 +729,22 @@ def run(args: argparse.Namespace) -> int:
     except UserError:                   # no packaged MiniLM: only rows without text can run, and they say so
         text_model = ""
     store = FinishedJobs(out / "finished", run_fingerprint(args.config, given_sets, args.data, args.fast,
-                                                           args.trainer, threads, text_model), args.resume)
+                                                           args.trainer, threads, text_model), resume=not args.fresh)
     finished = store.matching()
     found = len(finished)
-    if args.resume:
-        print(f"--resume: {found} finished job(s) of a run with this code, config, data and these flags are in "
-              f"{store.folder}; they are reused, the others run", flush=True)
+    if found and not args.fresh:
+        print(f"resuming: {found} finished job(s) of a run with this code, config, data and these flags are in "
+              f"{store.folder}; they are reused, the others run (--fresh runs every job again)", flush=True)
     elif found:
-        print(f"{found} finished job(s) of a run with this code, config, data and these flags are in {store.folder}: "
-              f"add --resume to reuse them; this run does every job again", flush=True)
-    print(f"each job is saved to {store.folder} as it ends: if this run stops, the same command with --resume "
-          f"runs only the jobs left", flush=True)
+        print(f"--fresh: the {found} finished job(s) of a run with this code, config, data and these flags in "
+              f"{store.folder} are not reused; every job runs again", flush=True)
+    print(f"each job is saved to {store.folder} as it ends: if this run stops, the same command runs only the "
+          f"jobs left", flush=True)
     estimate = None
     if not args.fast and our_rows_wanted(args):
         # Measured before the fits: on a larger data set than the dev sets the run can take hours (full-softmax
         # training costs targets x catalogue), and the one running it should know that now, not at the end.
-        estimate = time_estimate(args, finished if args.resume else ())
+        estimate = time_estimate(args, () if args.fresh else finished)
         print(estimate_line(estimate, args.jobs), flush=True)
         if args.jobs > 1:
             _PREPARED.clear()     # the fits run in other processes; do not hold the split here meanwhile
@@ -761,12 +761,12 @@ def run(args: argparse.Namespace) -> int:
             text_prior_line(per_seed) +
             f"\n\nWall time: {wall / 60:.1f} min on this machine"
             + (f" (estimated at the start: {estimate['minutes']:.0f} min)" if estimate else "")
-            + (f"; {store.reused} job(s) finished in an earlier run and reused (--resume; their seconds are "
-               f"their own)" if store.reused else "")
+            + (f"; {store.reused} job(s) finished in an earlier run and reused (their seconds are their own; "
+               f"--fresh runs every job)" if store.reused else "")
             + f"; data: {args.data} ({fmt or 'standard schema'}); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
             + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "")
-            + (" --resume" if args.resume else "") + "\n")
+            + (" --fresh" if args.fresh else "") + "\n")
     print("\n" + text)
     (out / "accuracy.md").write_text(text)
     (out / "accuracy.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg, "wall_seconds": wall,

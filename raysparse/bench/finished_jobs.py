@@ -3,7 +3,8 @@
 On a data set larger than the dev sets the bench runs for hours (its printed time estimate says how many), and
 a run that stops in its third hour (a killed job, a full disk, a reboot) would otherwise start again from zero.
 Each job (one seed's baselines, or one fit of ours) is written to `<--out>/finished/` when it ends;
-`raysparse bench accuracy ... --resume` reads back the jobs whose fingerprint matches and runs only the others.
+the next run of the same command reads back the jobs whose fingerprint matches and runs only the others
+(`--fresh` runs every job again).
 
 A job's fingerprint is everything its result depends on: raysparse's source files, the config file, the
 --set overrides, the data folder's files (names, sizes, modification times), --fast, the trainer, the torch
@@ -114,7 +115,7 @@ class FinishedJobs:
         partial.replace(path)
 
     def matching(self) -> list[tuple[str, int, object]]:
-        """(kind, seed, job) of every stored file with this run's fingerprint: what --resume would find."""
+        """(kind, seed, job) of every stored file with this run's fingerprint: what a resumed run finds."""
         if not self.folder.is_dir():
             return []
         run = self._identity("", 0, None)["run"]
