@@ -171,12 +171,23 @@ def ease_weights(gram: np.ndarray, lam: float, overwrite: bool = False) -> np.nd
     assert info == 0, f"potrf failed (info={info}); gram must be positive semi-definite"
     p, info = potri(chol, lower=False, overwrite_c=True)
     assert info == 0, f"potri failed (info={info})"
-    p = np.triu(p)
-    p += np.triu(p, 1).T  # potri fills the upper triangle only
+    mirror_upper(p)  # potri fills the upper triangle only
     diag = np.diag(p).copy()
     p /= -diag[None, :]
     p[np.diag_indices_from(p)] = 0.0
     return p
+
+
+def mirror_upper(p: np.ndarray, block: int = 1024) -> None:
+    """Copy the upper triangle of the square matrix p onto its lower triangle, in place, a block of columns at a
+    time. `np.triu(p) + np.triu(p, 1).T` gives the same matrix but allocates two more n x n ones: 5.4 GB besides
+    p's 2.7 GB for a 26k-item catalogue (UniSRec's Amazon Office), with two baseline jobs side by side."""
+    n = p.shape[0]
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        square = p[lo:hi, lo:hi]
+        square[...] = np.triu(square) + np.triu(square, 1).T
+        p[hi:, lo:hi] = p[lo:hi, hi:].T
 
 
 class EASE:
