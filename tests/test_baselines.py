@@ -102,6 +102,36 @@ def test_mirror_upper_is_the_symmetric_matrix_in_place_without_whole_matrix_copi
     assert peak < 0.5 * n * n * 4, f"EASE's inverse step allocated {peak / (n * n * 4):.2f} n x n float32 matrices"
 
 
+def test_upper_gram_is_the_gram_matrix_built_in_place_and_ease_weights_do_not_change():
+    """Known answers: upper_gram over chunks of users (3 chunks of 40 rows here) is the upper triangle of XᵀX to
+    the last bit, EASE's weights from it are bit-equal to those from the full XᵀX, and building it allocates the
+    matrix and a chunk or two, not a second n x n matrix a chunk (tracemalloc; the old sum peaked above 2)."""
+    import tracemalloc
+
+    import scipy.sparse as sp
+
+    from raysparse.bench.baselines import upper_gram
+
+    rng = np.random.default_rng(1)
+    x = (rng.random((100, 60)) < 0.2).astype(np.float32)
+    gram = upper_gram(sp.csr_matrix(x), np.float32, chunk_rows=40)
+    np.testing.assert_array_equal(gram, np.triu(x.T @ x))
+    assert gram.flags.f_contiguous
+    np.testing.assert_array_equal(ease_weights(gram, 7.0), ease_weights(x.T @ x, 7.0))
+    np.testing.assert_array_equal(ease_weights(gram.copy(order="F"), 7.0, overwrite=True), ease_weights(x.T @ x, 7.0))
+
+    n = 2000
+    rows = sp.random(3000, n, density=0.005, format="csr", random_state=0, dtype=np.float32)
+    rows.data[:] = 1.0
+    tracemalloc.start()
+    try:
+        upper_gram(rows, np.float32, chunk_rows=250)          # a chunk: 0.125 n x n; BLAS's wrapper copies it
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * n * n * 4, f"upper_gram allocated {peak / (n * n * 4):.2f} n x n float32 matrices"
+
+
 def test_ease_recovers_planted_item_with_zero_diagonal(planted):
     log, split, star = planted
     model = EASE(lam=5.0).fit(split)

@@ -156,13 +156,14 @@ EASE_GRID = {"lam": [10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]}
 def ease_weights(gram: np.ndarray, lam: float, overwrite: bool = False) -> np.ndarray:
     """EASE closed form (Steck, WWW 2019, https://arxiv.org/abs/1905.03375): P = (G + λI)⁻¹, B = I - P / diag(P).
 
-    gram (n, n) = XᵀX, symmetric; returns B (n, n) in gram's dtype with B_ij = -P_ij / P_jj and diag(B) = 0.
-    Cholesky (potrf + potri) instead of a general inverse: G + λI is symmetric positive definite, and this
-    is about 5x faster than np.linalg.inv at n = 9k on 2 cores. overwrite=True reuses gram's memory.
+    gram (n, n) = XᵀX: the full symmetric matrix, or, Fortran-ordered, only its upper triangle (`upper_gram`);
+    returns B (n, n) in gram's dtype with B_ij = -P_ij / P_jj and diag(B) = 0. Cholesky (potrf + potri) instead
+    of a general inverse: G + λI is symmetric positive definite, and this is about 5x faster than np.linalg.inv
+    at n = 9k on 2 cores. overwrite=True reuses gram's memory.
     """
     if not lam > 0:
         raise ValueError(f"EASE lam must be > 0 (it makes XᵀX + lam·I invertible), got {lam!r}.")
-    a = gram if overwrite else gram.copy()
+    a = gram if overwrite else gram.copy(order="K")   # "K": a Fortran-ordered upper triangle stays one
     if a.flags.c_contiguous:
         a = a.T  # the same symmetric matrix, Fortran-ordered, so LAPACK works in place instead of copying
     a[np.diag_indices_from(a)] += lam
@@ -210,7 +211,8 @@ class EASE:
         x = split.train_matrix(binary=True)
         self.n_items = split.n_items
         self.active_items = np.flatnonzero(x.getnnz(axis=0) > 0)
-        self.weights = ease_weights(_gram(x[:, self.active_items].tocsr(), self.dtype), self.lam, overwrite=True)
+        self.weights = ease_weights(upper_gram(x[:, self.active_items].tocsr(), self.dtype), self.lam,
+                                    overwrite=True)
         self.fit_seconds = time.perf_counter() - start
         return self
 
@@ -229,13 +231,19 @@ class EASE:
         return params, ndcg
 
 
-def _gram(rows: sp.csr_matrix, dtype: type, chunk_rows: int = 4096) -> np.ndarray:
-    """XᵀX (A, A) dense, accumulated over dense chunks of users: BLAS speed, memory bounded by the chunk."""
+def upper_gram(rows: sp.csr_matrix, dtype: type, chunk_rows: int = 4096) -> np.ndarray:
+    """XᵀX (A, A), Fortran-ordered, upper triangle only (all `ease_weights` reads; the lower is zero), accumulated
+    over dense chunks of users by BLAS syrk into the matrix itself: memory is the matrix and a chunk (twice: scipy's
+    wrapper copies it).
+    (`gram += chunk.T @ chunk` built a second A x A matrix for every chunk.) For a 0/1 matrix every entry is a
+    co-occurrence count, exact in float32 below 2^24, so the result does not depend on the summation order."""
     n = rows.shape[1]
-    gram = np.zeros((n, n), dtype)
+    gram = np.zeros((n, n), dtype, order="F")
+    syrk = scipy.linalg.get_blas_funcs("syrk", (gram,))
     for start in range(0, rows.shape[0], chunk_rows):
-        chunk = rows[start:start + chunk_rows].toarray().astype(dtype)
-        gram += chunk.T @ chunk
+        chunk = rows[start:start + chunk_rows].toarray().astype(dtype, copy=False)    # (users, n), C order
+        # chunk.T is (n, users) in Fortran order, BLAS's own, so no copy: gram += chunk.T (chunk.T)ᵀ = chunkᵀ chunk
+        gram = syrk(1.0, chunk.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
     return gram
 
 
