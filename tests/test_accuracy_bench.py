@@ -386,7 +386,14 @@ def test_finished_jobs_fingerprint_names_the_code_config_data_and_flags(tmp_path
     other = dict(base, sets=["a=2"])
     assert FinishedJobs(tmp_path / "finished", other, resume=True).get("ours", 0, ["ours:ids",
                                                                                    ["model.variant=ids"]]) is None
-    assert store.matching() == [("ours", 0, ["ours:ids", ["model.variant=ids"]])] and not list((tmp_path / "finished").glob("*.partial"))
+    # numpy numbers come back as Python's; a result JSON cannot hold is reported, and the run goes on
+    store.put("ours", 2, ["ours:ids", []], {"ndcg": np.float32(0.5), "ranks": np.arange(3)})
+    assert store.get("ours", 2, ["ours:ids", []]) == {"ndcg": 0.5, "ranks": [0, 1, 2]}
+    store.put("ours", 3, ["ours:ids", []], {"model": object()})
+    assert store.get("ours", 3, ["ours:ids", []]) is None
+    store.path("ours", 4, ["ours:ids", []]).write_text("[1, 2]")          # valid JSON, not a saved job
+    assert store.get("ours", 4, ["ours:ids", []]) is None
+    assert store.matching()[0] == ("ours", 0, ["ours:ids", ["model.variant=ids"]]) and not list((tmp_path / "finished").glob("*.partial"))
 
 
 def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tmp_path, capfd):

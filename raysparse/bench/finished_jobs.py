@@ -23,6 +23,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,15 @@ def run_fingerprint(config_path: str, sets: list[str], data_folder: str, fast: b
             "trainer": trainer, "threads_per_fit": threads_per_fit, "libraries": library_versions()}
 
 
+def _plain(value):
+    """json.dumps' fallback: numpy numbers and arrays as Python numbers and lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 class FinishedJobs:
     """Results of finished jobs in `folder`, one JSON file a job, named by the hash of its fingerprint.
 
@@ -101,18 +112,29 @@ class FinishedJobs:
         except (OSError, ValueError) as err:
             print(f"  {path}: unreadable ({err}); running this job again", flush=True)
             return None
+        if not isinstance(stored, dict) or "result" not in stored:
+            print(f"  {path}: not a saved job (no 'identity' and 'result'); running this job again", flush=True)
+            return None
         if stored.get("identity") != self._identity(kind, seed, payload):
             return None
         self.reused += 1
         return stored["result"]
 
     def put(self, kind: str, seed: int, payload, result) -> None:
-        """Store a finished job's result (JSON: tuples come back as lists)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Store a finished job's result (JSON: tuples come back as lists, numpy numbers as Python's). A result
+        that cannot be saved (a full disk, a type JSON cannot hold) is reported and the run goes on: it only
+        loses the chance to reuse that job, never the job's result."""
         path = self.path(kind, seed, payload)
         partial = path.with_name(path.name + f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"identity": self._identity(kind, seed, payload), "result": result}))
-        partial.replace(path)
+        try:
+            text = json.dumps({"identity": self._identity(kind, seed, payload), "result": result}, default=_plain)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.write_text(text)
+            partial.replace(path)
+        except (OSError, TypeError, ValueError) as err:
+            partial.unlink(missing_ok=True)
+            print(f"  could not save this job to {path} ({err}); the run goes on, but a rerun will run it again",
+                  flush=True)
 
     def matching(self) -> list[tuple[str, int, object]]:
         """(kind, seed, job) of every stored file with this run's fingerprint: what a resumed run finds."""
@@ -122,9 +144,10 @@ class FinishedJobs:
         found = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                identity = json.loads(path.read_text()).get("identity", {})
+                stored = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if identity.get("run") == run:
+            identity = stored.get("identity") if isinstance(stored, dict) else None
+            if isinstance(identity, dict) and identity.get("run") == run and "result" in stored:
                 found.append((identity["kind"], identity["seed"], identity["payload"]))
         return found
