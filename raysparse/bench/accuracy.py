@@ -424,9 +424,9 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
                 if future.exception() is not None:
                     # The run cannot complete: start nothing more, but let the running jobs finish and be saved,
                     # so that the same command runs only what is left.
-                    if failure is None and pending:
-                        print(f"a job failed ({kind}, seed {seed}); waiting for the {len(pending)} running "
-                              f"job(s) to finish and be saved, then stopping", flush=True)
+                    if failure is None:
+                        print(f"a job failed ({kind}, seed {seed}); stopping after the {len(pending)} running "
+                              f"job(s) finish and are saved", flush=True)
                     failure = failure or future.exception()
                     waiting.clear()
                     continue
