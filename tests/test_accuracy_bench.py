@@ -262,7 +262,7 @@ def test_the_time_estimate_times_real_steps_and_counts_an_epochs_targets(dataset
     _PREPARED.clear()
 
 
-# ---- a stopped run goes on where it stopped (--fresh: it does not) ------------------------------------------------------
+# ---- a stopped run goes on where it stopped (--fresh: it does not) ---------------------------------------------
 RESUME_ARGV = ["--variants", "ids,fused", "--baselines", "popularity,ease", "--our-grid", "model.dropout=0.0|0.5"]
 
 
@@ -323,7 +323,8 @@ def test_more_seeds_reuse_the_first_seeds_jobs_and_changed_settings_reuse_nothin
     assert changed["per_seed"][0]["popularity"]["test"] == one["per_seed"][0]["popularity"]["test"]
     _bench_seeds(dataset, out, "1", "--fresh")
     printed = capfd.readouterr().out
-    assert "--fresh: the 7 finished job(s)" in printed   # seed 0: baselines, 2 grid fits, ids; seed 1: 3 and "every job runs again" in printed
+    # 7 saved jobs: seed 0's baselines, 2 grid fits and ids row; seed 1's baselines, ids and fused rows
+    assert "--fresh: the 7 finished job(s)" in printed and "every job runs again" in printed
     assert len([line for line in printed.splitlines() if ": training ours:" in line]) == 3
 
 
@@ -393,7 +394,8 @@ def test_finished_jobs_fingerprint_names_the_code_config_data_and_flags(tmp_path
     assert store.get("ours", 3, ["ours:ids", []]) is None
     store.path("ours", 4, ["ours:ids", []]).write_text("[1, 2]")          # valid JSON, not a saved job
     assert store.get("ours", 4, ["ours:ids", []]) is None
-    assert store.matching()[0] == ("ours", 0, ["ours:ids", ["model.variant=ids"]]) and not list((tmp_path / "finished").glob("*.partial"))
+    assert store.matching()[0] == ("ours", 0, ["ours:ids", ["model.variant=ids"]])
+    assert not list((tmp_path / "finished").glob("*.partial"))
 
 
 def test_a_failed_fit_stops_the_run_after_the_running_jobs_are_saved(dataset, tmp_path, capfd):

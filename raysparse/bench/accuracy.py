@@ -67,6 +67,7 @@ ORDER_FREE = ("ease", "ials")
 # SASRec's grid on the first seed: 2 layers, 64 hidden (the best of a wider grid run once on ML latest-small),
 # dropout searched; a fuller grid costs ~2 min per configuration on 2 cores.
 SASREC_BENCH_GRID = {"hidden_size": [64], "num_layers": [2], "dropout": [0.2, 0.5]}
+SASREC_GRID_FITS = int(np.prod([len(values) for values in SASREC_BENCH_GRID.values()]))   # on the first seed
 GROUPS = ["overall", "warm", "cohort", "cohort_k1", "cohort_k2", "cohort_k3", "cohort_k5"]
 
 
@@ -366,6 +367,11 @@ def baselines_first(jobs: list[tuple]) -> list[tuple]:
     return sorted(jobs, key=lambda job: job[0] != "baselines")
 
 
+def threads_per_fit(args) -> int:
+    """Torch threads each fit gets: cores // --jobs in the pool's processes, this process's own with --jobs 1."""
+    return max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
+
+
 def available_cores() -> int:
     """The cores this process may use (a container's affinity), not the host's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
@@ -375,7 +381,7 @@ def _run_parallel(args, seeds, names, grid_jobs, later_jobs, finish_grid, search
                   store: FinishedJobs | None = None) -> None:
     """run_all's schedule on a process pool: seed 0's baselines and grid fits first, then everything that
     depends on their choices. A job found in `store` is not run: its result counts as just finished."""
-    threads = max(1, available_cores() // args.jobs)
+    threads = threads_per_fit(args)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {}
         waiting: list[tuple[str, int, object, str]] = []    # handed to the pool only as its processes free up
@@ -604,7 +610,7 @@ def planned_fits(args) -> tuple[int, int]:
         n_ours += len(points) - (1 if ("ours:fused", ["model.variant=fused"]) in ours else 0)
     n_sasrec = 0
     if "sasrec" in [n for n in args.baselines.split(",") if n]:
-        n_sasrec = int(np.prod([len(values) for values in SASREC_BENCH_GRID.values()])) + args.seeds - 1
+        n_sasrec = SASREC_GRID_FITS + args.seeds - 1
     return n_ours, n_sasrec
 
 
@@ -614,7 +620,8 @@ def fits_left(args, finished: list[tuple[str, int, object]]) -> tuple[int, int]:
     inside a finished seed's baselines (its grid's on the first seed, one on each later seed)."""
     n_ours, n_sasrec = planned_fits(args)
     ours = {label for label, _ in our_rows_wanted(args)}
-    grid = {_grid_label(p) for p in our_grid_points(args)} if len(our_grid_points(args)) > 1 else set()
+    points = our_grid_points(args)
+    grid = {_grid_label(p) for p in points} if len(points) > 1 else set()
     for kind, seed, job in finished:
         if seed >= args.seeds:
             continue
@@ -622,7 +629,7 @@ def fits_left(args, finished: list[tuple[str, int, object]]) -> tuple[int, int]:
                                (job[0] in ours and not (grid and seed == 0 and job[0] == "ours:fused"))):
             n_ours -= 1
         elif kind == "baselines" and "sasrec" in job["baselines"] and n_sasrec:
-            n_sasrec -= int(np.prod([len(v) for v in SASREC_BENCH_GRID.values()])) if seed == 0 else 1
+            n_sasrec -= SASREC_GRID_FITS if seed == 0 else 1
     return max(n_ours, 0), max(n_sasrec, 0)
 
 
@@ -680,8 +687,7 @@ def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
     baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
     1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5).
     `finished`: jobs an earlier run finished, reused by this one, whose fits are not counted."""
-    threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
-    fit = seconds_per_fit(args, threads)
+    fit = seconds_per_fit(args, threads_per_fit(args))
     n_ours, n_sasrec = fits_left(args, finished)
     fit["minutes"] = (n_ours + n_sasrec) * fit["fit_seconds"] / args.jobs / 60
     fit.update(ours_fits=n_ours, sasrec_fits=n_sasrec)
@@ -723,13 +729,13 @@ def run(args: argparse.Namespace) -> int:
     check_row_configs(args)
     # The data as given (a converted layout lands in a new temporary folder each run), the --set overrides as
     # given, the threads each fit will get.
-    threads = max(1, available_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     try:
         text_model = resolve_text_model(seed_config(args, 0).model.text_model)
     except UserError:                   # no packaged MiniLM: only rows without text can run, and they say so
         text_model = ""
-    store = FinishedJobs(out / "finished", run_fingerprint(args.config, given_sets, args.data, args.fast,
-                                                           args.trainer, threads, text_model), resume=not args.fresh)
+    fingerprint = run_fingerprint(args.config, given_sets, args.data, args.fast, args.trainer, threads_per_fit(args),
+                                  text_model)
+    store = FinishedJobs(out / "finished", fingerprint, resume=not args.fresh)
     finished = store.matching()
     found = len(finished)
     if found and not args.fresh:

@@ -9,9 +9,9 @@ the next run of the same command reads back the jobs whose fingerprint matches a
 A job's fingerprint is everything its result depends on: raysparse's source files, the config file, the
 --set overrides, the data folder's files (names, sizes, modification times), --fast, the trainer, the torch
 threads a fit gets (they change float rounding, so a resumed run reports what one uninterrupted run would),
-the text model's files, the libraries' versions, and the job itself (its kind, seed and overrides, or the baselines and the
-hyper-parameters they reuse). --seeds, --out and the rows asked for are not in it: a 1-seed run's jobs are
-the first seed's jobs of a 3-seed run with the same settings, and are reused by it.
+the text model's files, the libraries' versions, and the job itself (its kind, seed and overrides, or the
+baselines and the hyper-parameters they reuse). --seeds, --out and the rows asked for are not in it: a 1-seed
+run's jobs are the first seed's jobs of a 3-seed run with the same settings, and are reused by it.
 """
 
 from __future__ import annotations

@@ -41,13 +41,16 @@ def resolve_text_model(name: str) -> str:
     """
     if name:
         looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1
-        if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
-            what = "has no config.json" if Path(name).expanduser().is_dir() else "does not exist"
+        if not looks_like_path:
+            return name
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "has no config.json" if folder.is_dir() else "does not exist"
             raise ConfigError(f"model.text_model={name!r}: that folder {what}. Give a Hugging Face encoder folder "
                               f"(config.json, weights and tokenizer, e.g. from save_pretrained), a hub id such as "
                               f"'sentence-transformers/all-MiniLM-L6-v2' where the hub is reachable, or leave it "
                               f"empty for the packaged all-MiniLM-L6-v2.")
-        return str(Path(name).expanduser()) if looks_like_path else name
+        return str(folder)
     try:
         package = importlib.import_module(PACKAGED_MODEL)
     except ImportError as err:
