@@ -238,6 +238,10 @@ class TrainConfig:
                                             "items (k from data.cohort_ks): sparse users look like that at test.")
     patience: int = option(0, "Early stopping: end training after this many epochs without a better validation "
                               "NDCG@10 (the best epoch is kept either way). 0 = train all `epochs`.")
+    patience_z: float = option(0.0, "With patience: count only epochs in a row whose validation NDCG@10 is below "
+                                    "the best epoch's by more than this many standard errors of the per-user "
+                                    "difference (a drop the validation users can tell from noise), not every "
+                                    "epoch without a better value. 0 = count epochs without a better value.")
     grad_accum_steps: int = option(1, "Micro-batches per optimizer step.")
     grad_clip: float = option(1.0, "Max gradient norm (0 = no clipping).")
     warmup_ratio: float = option(0.05, "Share of steps with linear warm-up; linear decay after.")
@@ -260,6 +264,10 @@ class TrainConfig:
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         _positive("train.patience", self.patience, allow_zero=True)
+        _positive("train.patience_z", self.patience_z, allow_zero=True)
+        if self.patience_z and not self.patience:
+            raise ConfigError(f"train.patience_z={self.patience_z!r} counts epochs for train.patience, which is 0 (no "
+                              f"early stopping): set train.patience too (e.g. 2), or train.patience_z=0.")
         if not 0.0 <= self.short_history_prob <= 1.0:
             raise ConfigError(f"train.short_history_prob={self.short_history_prob!r} must be in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -26,9 +26,9 @@ from raysparse.data.examples import all_item_bags
 from raysparse.errors import ConfigError
 from raysparse.local import item_table
 from raysparse.loop import distributed_ranks
-from raysparse.metrics import flatten, summarize
+from raysparse.metrics import flatten, summarize, user_ndcg
 from raysparse.recommender import Recommender
-from raysparse.step import compute_loss, param_groups, warmup_decay
+from raysparse.step import USER_NDCG, compute_loss, param_groups, warmup_decay
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -268,6 +268,7 @@ class DeepSpeedTraining:
                                   self.rank, self.world)
         metrics = flatten(summarize(ranks, self.split, users), "val/")
         metrics["val_seconds"] = time.perf_counter() - t0
+        metrics[USER_NDCG] = user_ndcg(ranks)      # per user, for train.patience_z; the loop pops it
         return metrics
 
     def _sync_eval_weights(self) -> None:

@@ -15,9 +15,9 @@ import pandas as pd
 from raysparse.build import Prepared, build_batches, build_model, prepare_data
 from raysparse.config import Config
 from raysparse.loop import train_local
-from raysparse.metrics import evaluate_ranks, flatten
+from raysparse.metrics import evaluate_ranks, flatten, user_ndcg
 from raysparse.recommender import Recommender
-from raysparse.step import SELECT_METRIC
+from raysparse.step import SELECT_METRIC, USER_NDCG, Z_VS_BEST
 from raysparse.text_prior import choose_text_prior
 
 
@@ -64,10 +64,10 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     best: dict = {"score": -1.0}
 
     def on_epoch(model, epoch: int) -> dict:
-        metrics = validation_metrics(rec, prepared, "val")
+        metrics, ranks = stage_metrics(rec, prepared, "val")
         if metrics[SELECT_METRIC] > best["score"]:
             best.update(score=metrics[SELECT_METRIC], epoch=epoch, state=copy.deepcopy(model.state_dict()))
-        return metrics
+        return {**metrics, USER_NDCG: user_ndcg(ranks)}   # per user, for train.patience_z
 
     history = train_local(config, rec.model, rec.builder, log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
     rec.model.load_state_dict(best["state"])
@@ -109,5 +109,7 @@ def apply_text_prior_choice(rec: Recommender, prepared: Prepared, log: Callable[
 def epoch_line(record: dict) -> str:
     keys = ["val/overall/ndcg@10", "val/warm/ndcg@10", "val/cohort/ndcg@10", "val/overall/hr@10"]
     shown = " ".join(f"{k.split('/', 1)[1]}={record[k]:.4f}" for k in keys if k in record)
+    if Z_VS_BEST in record:
+        shown += f" z_vs_best={record[Z_VS_BEST]:+.2f}"
     return (f"epoch {record['epoch']}: loss={record['loss']:.4f} {record['examples_per_s']:.0f} ex/s "
             f"({record['train_seconds']:.1f}s) {shown}")

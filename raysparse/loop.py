@@ -30,7 +30,8 @@ from raysparse.config import Config, TrainConfig
 from raysparse.data.examples import BatchBuilder
 from raysparse.data.split import Split
 from raysparse.metrics import ScoreFn, full_ranks
-from raysparse.step import SELECT_METRIC, PlainStepper, epochs_since_best, keep_freed_memory, steps_per_epoch
+from raysparse.step import (SELECT_METRIC, USER_NDCG, Z_VS_BEST, PlainStepper, keep_freed_memory, paired_z,
+                            stalled_epochs, steps_per_epoch)
 
 Batch = dict[str, torch.Tensor]
 PROGRESS_EVERY_S = 15.0  # a progress line inside a long epoch, at most this often
@@ -61,11 +62,17 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
     the epochs after it carry `restored_from_epoch`. world, device: every worker runs this loop in step;
     examples and steady rates are summed over them, seconds maxed (torch.distributed on `device`). say:
     a progress line every PROGRESS_EVERY_S inside an epoch, and the early stop.
-    Stops after tc.patience epochs without a better SELECT_METRIC; every worker holds the same all-reduced
-    validation record, so all of them stop at the same epoch.
+    Stops after tc.patience epochs without a better SELECT_METRIC or, with tc.patience_z, after tc.patience
+    epochs in a row below the best by more than tc.patience_z standard errors: evaluate may return each
+    validated user's NDCG@10 under USER_NDCG (popped; the record gets Z_VS_BEST, this epoch against the best
+    before it). Every worker holds the same validation record, so all of them stop at the same epoch.
     """
     history = list(history)
     restored_from = len(history) or None
+    # The best epoch's per-user values, to pair each later epoch with; a restored run has lost them, so its
+    # epochs count towards patience_z only once one of them is a new best.
+    best_value = max((r[SELECT_METRIC] for r in history if SELECT_METRIC in r), default=float("-inf"))
+    best_users: np.ndarray | None = None
     for epoch in range(len(history), tc.epochs):
         stepper.start_epoch()
         losses: list[float] = []
@@ -98,11 +105,19 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
         if restored_from is not None:
             record["restored_from_epoch"] = restored_from
         if evaluate is not None:
-            record.update(evaluate(epoch + 1))
+            metrics = dict(evaluate(epoch + 1))
+            users = metrics.pop(USER_NDCG, None)
+            record.update(metrics)
+            if users is not None and best_users is not None:
+                record[Z_VS_BEST] = paired_z(users, best_users)
+            if SELECT_METRIC in metrics and metrics[SELECT_METRIC] > best_value:
+                best_value, best_users = metrics[SELECT_METRIC], users
         history.append(record)
         report(record, history)
-        if tc.patience and epochs_since_best(history, SELECT_METRIC) >= tc.patience:
-            say(f"early stop after epoch {epoch + 1}: no better {SELECT_METRIC} for {tc.patience} epochs")
+        if tc.patience and stalled_epochs(history, tc) >= tc.patience:
+            why = (f"{tc.patience} epochs in a row below the best by more than {tc.patience_z:g} standard errors"
+                   if tc.patience_z else f"no better {SELECT_METRIC} for {tc.patience} epochs")
+            say(f"early stop after epoch {epoch + 1}: {why}")
             break
     return history
 

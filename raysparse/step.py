@@ -162,6 +162,46 @@ def epochs_since_best(history: list[dict], metric: str) -> int:
     return len(values) - 1 - int(np.argmax(values))
 
 
+# Each epoch's validation against the best epoch before it, in standard errors of the per-user paired difference of
+# NDCG@10 (`paired_z`); in the epoch record when the validation gave per-user values (USER_NDCG).
+Z_VS_BEST = "val/overall/ndcg@10_z_vs_best"
+USER_NDCG = "val/user_ndcg@10"   # what an epoch's validation may return beside its metrics: (N,) per user, popped
+
+
+def paired_z(current: np.ndarray, best: np.ndarray) -> float:
+    """mean(current - best) over its standard error, the per-user differences of one metric on the same users:
+    how many standard errors this epoch is above (> 0) or below (< 0) the best. Epochs in a row are strongly
+    correlated user by user, so the paired error is several times smaller than either mean's own. 0 if no user
+    moved; +-inf if every user moved alike."""
+    diff = np.asarray(current, np.float64) - np.asarray(best, np.float64)
+    if len(diff) < 2:
+        return 0.0
+    mean, error = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+    if error == 0.0:
+        return 0.0 if mean == 0.0 else float(np.sign(mean) * np.inf)
+    return float(mean / error)
+
+
+def epochs_significantly_worse(history: list[dict], z: float) -> int:
+    """The epochs at the end of `history` in a row whose validation is below the best epoch before them by more
+    than `z` standard errors (Z_VS_BEST < -z). An epoch without the figure (no per-user validation, or the best
+    epoch's values lost in a restore) does not count and ends the run of epochs."""
+    count = 0
+    for record in reversed(history):
+        if not record.get(Z_VS_BEST, 0.0) < -z:
+            break
+        count += 1
+    return count
+
+
+def stalled_epochs(history: list[dict], tc: TrainConfig) -> int:
+    """What train.patience counts: epochs without a better validation NDCG@10 or, with train.patience_z > 0,
+    epochs in a row that are significantly below the best one."""
+    if tc.patience_z > 0:
+        return epochs_significantly_worse(history, tc.patience_z)
+    return epochs_since_best(history, SELECT_METRIC)
+
+
 def steps_per_epoch(n_examples: int, batch_size: int, max_steps: int = 0) -> int:
     """Batches in one pass over `n_examples`, capped at `max_steps` (train.max_steps_per_epoch; 0: no cap)."""
     steps = math.ceil(n_examples / batch_size)

@@ -399,6 +399,105 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
     assert len(summary["history"]) == 3 and summary["best_epoch"] == 1
 
 
+def test_paired_z_is_the_mean_difference_over_its_standard_error():
+    from raysparse.step import paired_z
+
+    best = np.linspace(0.0, 1.0, 200)
+    worse = best.copy()
+    worse[:20] -= 0.01
+    # 20 of 200 users each 0.01 lower: mean -0.001, sd 0.01 * sqrt(20 * 180 / (200 * 199)), so z = -sqrt(20 * 199 / 180)
+    assert paired_z(worse, best) == pytest.approx(-np.sqrt(20 * 199 / 180))
+    assert paired_z(best, worse) == pytest.approx(np.sqrt(20 * 199 / 180))
+    assert paired_z(best, best) == 0.0
+    steps = np.arange(200) / 256                      # binary fractions: + 0.125 is exact for every user
+    assert paired_z(steps + 0.125, steps) == np.inf      # every user better by the same amount
+
+
+def test_epochs_significantly_worse_counts_the_last_epochs_in_a_row():
+    from raysparse.step import Z_VS_BEST, epochs_significantly_worse
+
+    history = [{}, {Z_VS_BEST: 3.0}, {Z_VS_BEST: -2.5}, {Z_VS_BEST: -1.0}, {Z_VS_BEST: -4.0}, {Z_VS_BEST: -2.1}]
+    assert epochs_significantly_worse(history, 2.0) == 2
+    assert epochs_significantly_worse(history, 0.5) == 4
+    assert epochs_significantly_worse(history[:3], 2.0) == 1
+    assert epochs_significantly_worse(history[:2], 2.0) == 0
+    assert epochs_significantly_worse([{"loss": 1.0}], 2.0) == 0      # no per-user validation: never stops early
+
+
+class _StillWeight:
+    """A `raysparse.loop.Stepper` whose steps change nothing: the epochs' validation is planted by the test."""
+
+    def __init__(self):
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    def start_epoch(self) -> None:
+        pass
+
+    def step(self, batch) -> float:
+        return 0.0
+
+
+def planted_validation(n_users: int = 200) -> list[np.ndarray]:
+    """Per-user validation NDCG@10 of six epochs: epoch 2 better than epoch 1 by the same for every user (binary
+    fractions, exact: z = +inf); epoch 3 lower than epoch 2 for 3 users (z = -sqrt(3 * 199 / 197) = -1.74,
+    noise); epochs 4-6 lower for 20 users (z = -sqrt(20 * 199 / 180) = -4.70)."""
+    first = np.arange(n_users) / 512
+    second = first + 1 / 16
+    third, later = second.copy(), second.copy()
+    third[:3] -= 1 / 128
+    later[:20] -= 1 / 128
+    return [first, second, third, later, later, later]
+
+
+def run_planted(tc, epochs: list[np.ndarray], history=()) -> list[dict]:
+    from raysparse.loop import train_epochs
+    from raysparse.step import SELECT_METRIC, USER_NDCG
+
+    batch = {"user_idx": torch.zeros(1)}
+    return train_epochs(tc, _StillWeight(), lambda epoch: [batch], steps=1, batch_size=1,
+                        report=lambda record, history: None, history=history,
+                        evaluate=lambda epoch: {SELECT_METRIC: float(epochs[epoch - 1].mean()),
+                                                USER_NDCG: epochs[epoch - 1]})
+
+
+def test_patience_z_stops_on_drops_beyond_noise_and_not_on_noise():
+    """Known answer on planted validation: patience 2 alone stops after epoch 4 (epochs 3 and 4 not better than
+    2); with patience_z 2 epoch 3's drop is noise (z -1.74), so the two epochs in a row below the best beyond
+    2 standard errors are 4 and 5, and training stops after epoch 5; at patience_z 5 no drop counts and all six
+    epochs train."""
+    from raysparse.config import TrainConfig
+    from raysparse.step import USER_NDCG, Z_VS_BEST
+
+    epochs = planted_validation()
+    by_count = run_planted(TrainConfig(epochs=6, patience=2), epochs)
+    assert [r["epoch"] for r in by_count] == [1, 2, 3, 4]
+    by_noise = run_planted(TrainConfig(epochs=6, patience=2, patience_z=2.0), epochs)
+    assert [r["epoch"] for r in by_noise] == [1, 2, 3, 4, 5]
+    assert Z_VS_BEST not in by_noise[0] and by_noise[1][Z_VS_BEST] == np.inf
+    assert [round(r[Z_VS_BEST], 2) for r in by_noise[2:]] == [-1.74, -4.70, -4.70]
+    assert not any(USER_NDCG in r for r in by_noise)                 # per-user values stay out of the records
+    assert len(run_planted(TrainConfig(epochs=6, patience=2, patience_z=5.0), epochs)) == 6
+
+
+def test_patience_z_in_a_restored_run_waits_for_a_new_best():
+    """A restored run has lost the best epoch's per-user values: its epochs below the restored best carry no z
+    and do not count, so all of them train (patience 1 by epochs alone would stop after the first)."""
+    from raysparse.config import TrainConfig
+    from raysparse.step import SELECT_METRIC, Z_VS_BEST
+
+    epochs = planted_validation()
+    restored = [{"epoch": 1, SELECT_METRIC: 0.9}]        # better than any planted epoch
+    history = run_planted(TrainConfig(epochs=4, patience=1, patience_z=2.0), epochs, history=restored)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4] and not any(Z_VS_BEST in r for r in history)
+
+
+def test_patience_z_without_patience_is_refused():
+    from raysparse.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="train.patience_z=2.0 counts epochs for train.patience, which is 0"):
+        TrainConfig(patience_z=2.0)
+
+
 def test_keep_freed_memory_lets_a_second_large_tensor_reuse_the_pages_of_the_first():
     """With the setting a freed 100 MB tensor's pages are reused by the next ones (almost no new page faults,
     once the heap has grown); without it each allocation is a fresh mmap that faults in all its pages again."""
