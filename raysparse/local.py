@@ -69,7 +69,8 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
             best.update(score=metrics[SELECT_METRIC], epoch=epoch, state=copy.deepcopy(model.state_dict()))
         return {**metrics, USER_NDCG: user_ndcg(ranks)}   # per user, for train.patience_z
 
-    history = train_local(config, rec.model, rec.builder, log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch)
+    history = train_local(config, rec.model, rec.builder, log=lambda r: log(epoch_line(r)), evaluate_fn=on_epoch,
+                          say=log)
     rec.model.load_state_dict(best["state"])
     if config.train.choose_text_prior:
         apply_text_prior_choice(rec, prepared, log)

@@ -123,9 +123,11 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
 
 
 def train_local(config: Config, model: nn.Module, builder: BatchBuilder, log: Callable[[dict], None] = print,
-                evaluate_fn: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
+                evaluate_fn: Callable[[nn.Module, int], dict] | None = None,
+                say: Callable[[str], None] = lambda line: None) -> list[dict]:
     """Train in this process with torch AdamW (`PlainStepper`) on `builder`'s shuffled batches. log(record)
-    after each epoch; evaluate_fn(model, epoch) adds its metrics to the record. Returns the records."""
+    after each epoch; evaluate_fn(model, epoch) adds its metrics to the record; say(line): progress inside a
+    long epoch and the early stop. Returns the records."""
     tc = config.train
     keep_freed_memory()
     torch.manual_seed(tc.seed)
@@ -137,7 +139,7 @@ def train_local(config: Config, model: nn.Module, builder: BatchBuilder, log: Ca
         tc, stepper,
         lambda epoch: builder.iterate_epoch(tc.batch_size_per_worker, rng, tc.example_mode, tc.max_steps_per_epoch),
         steps=steps, batch_size=tc.batch_size_per_worker, report=lambda record, history: log(record),
-        evaluate=None if evaluate_fn is None else (lambda epoch: evaluate_fn(model, epoch)))
+        evaluate=None if evaluate_fn is None else (lambda epoch: evaluate_fn(model, epoch)), say=say)
 
 
 def steady_rate(stamps: list[float], batch_size: int, skip: int = 2) -> float:

@@ -106,8 +106,8 @@ def register_bench(subparsers) -> None:
 
 # ---- running ------------------------------------------------------------------------------------------------
 def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
-    """Train one of our variants; returns {'val','test' (flat metrics), 'seconds', 'best_epoch', 'test_ranks'
-    (the full-ranking rank of each evaluated user's test item, for paired comparisons)}."""
+    """Train one of our variants; returns {'val','test' (flat metrics), 'seconds', 'best_epoch', 'epochs_run',
+    'test_ranks' (the full-ranking rank of each evaluated user's test item, for paired comparisons)}."""
     t0 = time.perf_counter()
 
     def log(message: str) -> None:
@@ -124,6 +124,7 @@ def train_ours(config, prepared, trainer: str, prefix: str = "") -> dict:
     seconds = time.perf_counter() - t0
     users = prepared.split.evaluated_users
     return {"val": summary["val"], "test": summary["test"], "best_epoch": summary.get("best_epoch"),
+            "epochs_run": len(summary["history"]),                     # fewer than train.epochs: stopped early
             "seconds": seconds, "test_ranks": summary["test_ranks"],   # ranked when the trainer measured test
             "text_prior": [scored.text_prior, scored.text_prior_items, scored.text_prior_form],
             "test_cohort_k": prepared.split.cohort_k[users].tolist()}
@@ -678,7 +679,8 @@ def seconds_per_fit(args, threads: int, min_seconds: float = 8.0, max_steps: int
     epoch = elapsed / max(timed_targets, 1) * targets
     return {"fit_seconds": (epoch + validation) * tc.epochs, "epoch_seconds": epoch,
             "validation_seconds": validation, "epochs": tc.epochs, "steps": steps, "targets": targets,
-            "items": prepared.split.n_items, "threads": threads, "timed_steps": n_steps}
+            "items": prepared.split.n_items, "threads": threads, "timed_steps": n_steps,
+            "early_stopping": tc.patience > 0}
 
 
 def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
@@ -695,7 +697,8 @@ def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
 
 
 def estimate_line(est: dict, jobs: int) -> str:
-    return (f"time estimate: ~{est['minutes']:.0f} min. A fit takes ~{est['fit_seconds'] / 60:.1f} min "
+    at_most = " at most" if est.get("early_stopping") else ""     # fits that stop early take less
+    return (f"time estimate: ~{est['minutes']:.0f} min{at_most}. A fit takes ~{est['fit_seconds'] / 60:.1f} min{at_most} "
             f"({est['epochs']} epochs of {est['targets']:,} targets over {est['items']:,} items at "
             f"{est['epoch_seconds']:.1f} s + {est['validation_seconds']:.1f} s of validation, on "
             f"{est['threads']} thread(s), measured over {est['timed_steps']} steps); {est['ours_fits']} fits of "
