@@ -50,10 +50,41 @@ class Stepper(Protocol):
         """Forward, loss, backward; an optimizer step at each accumulation boundary. Returns the loss."""
 
 
+class BestEpoch:
+    """The best validation so far (SELECT_METRIC) and that epoch's per-user NDCG@10, which each later epoch is
+    paired with (Z_VS_BEST, for train.patience_z). A checkpoint keeps the per-user values (`save`, `load`), so a
+    restored run pairs, and stops, exactly as the uninterrupted one would; without them (a checkpoint written
+    before they were kept) the restored epochs count towards patience_z only once one of them is a new best."""
+
+    FILE = "best_user_ndcg.npy"
+
+    def __init__(self, history: Sequence[dict] = (), users: np.ndarray | None = None):
+        self.value = max((r[SELECT_METRIC] for r in history if SELECT_METRIC in r), default=float("-inf"))
+        self.users = users
+
+    def observe(self, metrics: dict, users: np.ndarray | None) -> float | None:
+        """This epoch's z against the best before it (None without per-user values on either side); then this
+        epoch becomes the best if its SELECT_METRIC is higher."""
+        z = None if users is None or self.users is None else paired_z(users, self.users)
+        if SELECT_METRIC in metrics and metrics[SELECT_METRIC] > self.value:
+            self.value, self.users = metrics[SELECT_METRIC], users
+        return z
+
+    def save(self, folder: Path) -> None:
+        if self.users is not None:
+            np.save(folder / self.FILE, np.asarray(self.users, np.float64))
+
+    @classmethod
+    def load(cls, folder: Path, history: Sequence[dict]) -> "BestEpoch":
+        path = folder / cls.FILE
+        return cls(history, np.load(path) if path.exists() else None)
+
+
 def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int], Iterable[Batch]], *,
                  steps: int, batch_size: int, report: Callable[[dict, list[dict]], None],
                  evaluate: Callable[[int], dict] | None = None, history: Sequence[dict] = (), world: int = 1,
-                 device: torch.device | str = "cpu", say: Callable[[str], None] = lambda line: None) -> list[dict]:
+                 device: torch.device | str = "cpu", say: Callable[[str], None] = lambda line: None,
+                 best: BestEpoch | None = None) -> list[dict]:
     """Train epochs len(history) + 1 .. tc.epochs; returns the history, one record per epoch.
 
     epoch_batches(epoch), epoch counted from 0: the epoch's batches, at most `steps` of at most `batch_size`
@@ -65,14 +96,13 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
     Stops after tc.patience epochs without a better SELECT_METRIC or, with tc.patience_z, after tc.patience
     epochs in a row below the best by more than tc.patience_z standard errors: evaluate may return each
     validated user's NDCG@10 under USER_NDCG (popped; the record gets Z_VS_BEST, this epoch against the best
-    before it). Every worker holds the same validation record, so all of them stop at the same epoch.
+    before it). best: the best epoch so far (a restored run's, from its checkpoint), updated as epochs go; by
+    default built from `history` without per-user values. Every worker holds the same validation record, so all
+    of them stop at the same epoch.
     """
     history = list(history)
     restored_from = len(history) or None
-    # The best epoch's per-user values, to pair each later epoch with; a restored run has lost them, so its
-    # epochs count towards patience_z only once one of them is a new best.
-    best_value = max((r[SELECT_METRIC] for r in history if SELECT_METRIC in r), default=float("-inf"))
-    best_users: np.ndarray | None = None
+    best = best if best is not None else BestEpoch(history)
     for epoch in range(len(history), tc.epochs):
         stepper.start_epoch()
         losses: list[float] = []
@@ -106,12 +136,10 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
             record["restored_from_epoch"] = restored_from
         if evaluate is not None:
             metrics = dict(evaluate(epoch + 1))
-            users = metrics.pop(USER_NDCG, None)
             record.update(metrics)
-            if users is not None and best_users is not None:
-                record[Z_VS_BEST] = paired_z(users, best_users)
-            if SELECT_METRIC in metrics and metrics[SELECT_METRIC] > best_value:
-                best_value, best_users = metrics[SELECT_METRIC], users
+            z = best.observe(metrics, record.pop(USER_NDCG, None))
+            if z is not None:
+                record[Z_VS_BEST] = z
         history.append(record)
         report(record, history)
         if tc.patience and stalled_epochs(history, tc) >= tc.patience:

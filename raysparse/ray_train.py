@@ -50,7 +50,7 @@ from raysparse.config import Config, config_from_dict
 from raysparse.engine import DeepSpeedTraining, first_run_compilation_note, resolved_precision
 from raysparse.errors import ConfigError
 from raysparse.local import apply_text_prior_choice, epoch_line, stage_metrics, validation_metrics
-from raysparse.loop import EpochLog, all_gather, train_epochs
+from raysparse.loop import BestEpoch, EpochLog, all_gather, train_epochs
 from raysparse.preflight import (RUN_NAME, absolute_paths, check_before_start, check_run_folder, check_static,
                                   launcher_max_resources, run_location)
 from raysparse.recommender import Recommender
@@ -96,10 +96,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     say = print if rank == 0 else (lambda line: None)
 
     restored: list[dict] = []  # the history in the checkpoint Ray Train hands a restarted or resumed run
+    best = BestEpoch()          # the best epoch so far, with its per-user validation (train.patience_z)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             restored = run.restore(Path(folder))
+            best = BestEpoch.load(Path(folder), restored)
         say(f"restored from the checkpoint of epoch {len(restored)}; continuing with epoch {len(restored) + 1}")
     log = EpochLog(Path(config.output) / LOG_DIR, restored) if rank == 0 else None
     workers = all_gather({"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}, world)
@@ -121,12 +123,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(epoch_line(record))  # one console format for local and Ray runs
         with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as tmp:
             run.save(Path(tmp), record, history, artifact=validate)
+            if rank == 0:
+                best.save(Path(tmp))
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{record['epoch']:04d}")
 
     train_epochs(tc, run.stepper, epoch_batches, steps=steps, batch_size=micro, report=report,
                  evaluate=(lambda epoch: run.evaluate()) if validate else None, history=restored, world=world,
-                 device=run.device, say=say)
+                 device=run.device, say=say, best=best)
     if log is not None:
         log.close()
 

@@ -164,8 +164,8 @@ def epochs_since_best(history: list[dict], metric: str) -> int:
 
 # Each epoch's validation against the best epoch before it, in standard errors of the per-user paired difference of
 # NDCG@10 (`paired_z`); in the epoch record when the validation gave per-user values (USER_NDCG).
-Z_VS_BEST = "val/overall/ndcg@10_z_vs_best"
-USER_NDCG = "val/user_ndcg@10"   # what an epoch's validation may return beside its metrics: (N,) per user, popped
+Z_VS_BEST = "z_vs_best"
+USER_NDCG = "per_user/ndcg@10"   # what an epoch's validation may return beside its metrics: (N,) per user, popped
 
 
 def paired_z(current: np.ndarray, best: np.ndarray) -> float:
@@ -184,8 +184,8 @@ def paired_z(current: np.ndarray, best: np.ndarray) -> float:
 
 def epochs_significantly_worse(history: list[dict], z: float) -> int:
     """The epochs at the end of `history` in a row whose validation is below the best epoch before them by more
-    than `z` standard errors (Z_VS_BEST < -z). An epoch without the figure (no per-user validation, or the best
-    epoch's values lost in a restore) does not count and ends the run of epochs."""
+    than `z` standard errors (Z_VS_BEST < -z). An epoch without the figure (no per-user validation, or a
+    checkpoint without the best epoch's values) does not count and ends the run of epochs."""
     count = 0
     for record in reversed(history):
         if not record.get(Z_VS_BEST, 0.0) < -z:

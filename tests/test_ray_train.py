@@ -30,7 +30,7 @@ import pytest
 
 from raysparse.config import load_config
 from raysparse.errors import ConfigError, DataError
-from raysparse.step import SELECT_METRIC
+from raysparse.step import SELECT_METRIC, Z_VS_BEST
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -381,8 +381,10 @@ def _fault_sets(zero_stage: int) -> list[str]:
 
 
 def _epoch_results(history: list[dict]) -> list[dict]:
-    """What a run learned, epoch by epoch: the training loss and every validation metric (not the timings)."""
-    return [{k: v for k, v in r.items() if k == "loss" or k.startswith("val/")} for r in history]
+    """What a run learned, epoch by epoch: the training loss, every validation metric and the validation's z
+    against the best epoch (which a restored run pairs with the best epoch's per-user values from its
+    checkpoint); not the timings."""
+    return [{k: v for k, v in r.items() if k in ("loss", Z_VS_BEST) or k.startswith("val/")} for r in history]
 
 
 def _max_difference(a: list[dict], b: list[dict]) -> float:

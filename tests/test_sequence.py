@@ -449,13 +449,13 @@ def planted_validation(n_users: int = 200) -> list[np.ndarray]:
     return [first, second, third, later, later, later]
 
 
-def run_planted(tc, epochs: list[np.ndarray], history=()) -> list[dict]:
+def run_planted(tc, epochs: list[np.ndarray], history=(), best=None) -> list[dict]:
     from raysparse.loop import train_epochs
     from raysparse.step import SELECT_METRIC, USER_NDCG
 
     batch = {"user_idx": torch.zeros(1)}
     return train_epochs(tc, _StillWeight(), lambda epoch: [batch], steps=1, batch_size=1,
-                        report=lambda record, history: None, history=history,
+                        report=lambda record, history: None, history=history, best=best,
                         evaluate=lambda epoch: {SELECT_METRIC: float(epochs[epoch - 1].mean()),
                                                 USER_NDCG: epochs[epoch - 1]})
 
@@ -479,9 +479,33 @@ def test_patience_z_stops_on_drops_beyond_noise_and_not_on_noise():
     assert len(run_planted(TrainConfig(epochs=6, patience=2, patience_z=5.0), epochs)) == 6
 
 
-def test_patience_z_in_a_restored_run_waits_for_a_new_best():
-    """A restored run has lost the best epoch's per-user values: its epochs below the restored best carry no z
-    and do not count, so all of them train (patience 1 by epochs alone would stop after the first)."""
+def test_a_run_restored_with_the_best_epochs_values_stops_where_the_uninterrupted_run_does(tmp_path):
+    """Known answer: the uninterrupted run stops after epoch 5 (test above). Stopped after epoch 3 and restored
+    from a checkpoint folder with BestEpoch's file, the run pairs epochs 4-5 with epoch 2 as before: the same
+    records, z values included, and the same stop."""
+    from raysparse.config import TrainConfig
+    from raysparse.loop import BestEpoch
+
+    tc = TrainConfig(epochs=6, patience=2, patience_z=2.0)
+    epochs = planted_validation()
+    uninterrupted = run_planted(tc, epochs)
+    best = BestEpoch()
+    first_three = run_planted(TrainConfig(epochs=3, patience=2, patience_z=2.0), epochs, best=best)
+    best.save(tmp_path)
+    resumed = run_planted(tc, epochs, history=first_three, best=BestEpoch.load(tmp_path, first_three))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert [{k: v for k, v in r.items() if k not in ("train_seconds", "examples_per_s", "steady_examples_per_s",
+                                                     "steady_examples_per_cpu_s", "restored_from_epoch")}
+            for r in resumed] == [{k: v for k, v in r.items() if k not in ("train_seconds", "examples_per_s",
+                                                                          "steady_examples_per_s",
+                                                                          "steady_examples_per_cpu_s")}
+                                  for r in uninterrupted]
+
+
+def test_patience_z_in_a_run_restored_without_the_best_epochs_values_waits_for_a_new_best():
+    """A checkpoint without the best epoch's per-user values (written before they were kept): the restored
+    epochs below the restored best carry no z and do not count, so all of them train (patience 1 by epochs
+    alone would stop after the first)."""
     from raysparse.config import TrainConfig
     from raysparse.step import SELECT_METRIC, Z_VS_BEST
 

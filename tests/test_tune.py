@@ -265,7 +265,8 @@ def _epoch_results_by_point(out: Path) -> dict[str, list[dict]]:
         history, _ = read_train_run(str(out / "trials" / row.trial_id / "ray" / "train"))
         point = json.dumps({k: str(row[k]) for k in trials.columns if k.startswith(("model.", "train."))},
                            sort_keys=True)
-        results[point] = [{k: v for k, v in r.items() if k == "loss" or k.startswith("val/")} for r in history]
+        results[point] = [{k: v for k, v in r.items() if k in ("loss", "z_vs_best") or k.startswith("val/")}
+                          for r in history]
     return results
 
 
