@@ -29,9 +29,9 @@ from torch import nn
 from raysparse.config import Config, TrainConfig
 from raysparse.data.examples import BatchBuilder
 from raysparse.data.split import Split
-from raysparse.metrics import ScoreFn, full_ranks
-from raysparse.step import (SELECT_METRIC, USER_NDCG, Z_VS_BEST, PlainStepper, keep_freed_memory, paired_z,
-                            stalled_epochs, steps_per_epoch)
+from raysparse.metrics import ScoreFn, full_ranks, paired_z
+from raysparse.step import (SELECT_METRIC, USER_NDCG, Z_VS_BEST, PlainStepper, keep_freed_memory, stalled_epochs,
+                            steps_per_epoch)
 
 Batch = dict[str, torch.Tensor]
 PROGRESS_EVERY_S = 15.0  # a progress line inside a long epoch, at most this often
@@ -65,7 +65,7 @@ class BestEpoch:
     def observe(self, metrics: dict, users: np.ndarray | None) -> float | None:
         """This epoch's z against the best before it (None without per-user values on either side); then this
         epoch becomes the best if its SELECT_METRIC is higher."""
-        z = None if users is None or self.users is None else paired_z(users, self.users)
+        z = None if users is None or self.users is None else paired_z(np.asarray(users, np.float64) - self.users)
         if SELECT_METRIC in metrics and metrics[SELECT_METRIC] > self.value:
             self.value, self.users = metrics[SELECT_METRIC], users
         return z
@@ -135,7 +135,7 @@ def train_epochs(tc: TrainConfig, stepper: Stepper, epoch_batches: Callable[[int
         if restored_from is not None:
             record["restored_from_epoch"] = restored_from
         if evaluate is not None:
-            metrics = dict(evaluate(epoch + 1))
+            metrics = evaluate(epoch + 1)
             record.update(metrics)
             z = best.observe(metrics, record.pop(USER_NDCG, None))
             if z is not None:

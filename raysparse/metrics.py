@@ -60,6 +60,23 @@ def user_ndcg(ranks, k: int = 10) -> np.ndarray:
     return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
 
 
+def paired_z(differences) -> float:
+    """Mean of per-user differences of one metric (the same users, two models or two epochs) over its standard
+    error: how many standard errors the first is above (> 0) or below (< 0) the second. Two epochs or two scorings
+    of the same users are strongly correlated user by user, so this paired error is several times smaller than
+    either mean's own. 0 for no users or no mean difference; +-inf when the error is 0 (every user moved alike, or
+    a single user)."""
+    differences = np.asarray(differences, np.float64)
+    n = len(differences)
+    if n == 0:
+        return 0.0
+    mean = float(differences.mean())
+    error = float(differences.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0
+    if error == 0.0:
+        return 0.0 if mean == 0.0 else float(np.sign(mean) * np.inf)
+    return mean / error
+
+
 def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:
     """Full-ranking ranks of each user's held-out item, scored from `split.model_input` (the training history,
     + the validation item at test); everything in that input is excluded from the ranking."""

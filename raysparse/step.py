@@ -163,23 +163,9 @@ def epochs_since_best(history: list[dict], metric: str) -> int:
 
 
 # Each epoch's validation against the best epoch before it, in standard errors of the per-user paired difference of
-# NDCG@10 (`paired_z`); in the epoch record when the validation gave per-user values (USER_NDCG).
+# NDCG@10 (`raysparse.metrics.paired_z`); in the epoch record when the validation gave per-user values (USER_NDCG).
 Z_VS_BEST = "z_vs_best"
 USER_NDCG = "per_user/ndcg@10"   # what an epoch's validation may return beside its metrics: (N,) per user, popped
-
-
-def paired_z(current: np.ndarray, best: np.ndarray) -> float:
-    """mean(current - best) over its standard error, the per-user differences of one metric on the same users:
-    how many standard errors this epoch is above (> 0) or below (< 0) the best. Epochs in a row are strongly
-    correlated user by user, so the paired error is several times smaller than either mean's own. 0 if no user
-    moved; +-inf if every user moved alike."""
-    diff = np.asarray(current, np.float64) - np.asarray(best, np.float64)
-    if len(diff) < 2:
-        return 0.0
-    mean, error = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
-    if error == 0.0:
-        return 0.0 if mean == 0.0 else float(np.sign(mean) * np.inf)
-    return float(mean / error)
 
 
 def epochs_significantly_worse(history: list[dict], z: float) -> int:

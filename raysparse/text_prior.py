@@ -19,7 +19,7 @@ import torch
 
 from raysparse.config import PRIOR_FORMS
 from raysparse.data.split import Split
-from raysparse.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores, user_ndcg
+from raysparse.metrics import exclusion_mask, metrics_from_ranks, paired_z, ranks_from_scores, user_ndcg
 
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 PRIOR_ITEMS = (0.0, 2.0, 8.0)
@@ -124,15 +124,3 @@ def choose_text_prior(score_fn: Callable, prior_fn: Callable, split: Split, user
             choice = challenger
     return choice, table
 
-
-def paired_z(differences: np.ndarray) -> float:
-    """Mean of per-user differences over its standard error (-inf for none or a mean <= 0; +inf for a positive
-    difference equal for every user)."""
-    n = len(differences)
-    if n == 0:
-        return float("-inf")
-    mean = float(np.mean(differences))
-    if mean <= 0:
-        return float("-inf")
-    se = float(np.std(differences, ddof=1)) / np.sqrt(n) if n > 1 else 0.0
-    return mean / se if se > 0 else float("inf")

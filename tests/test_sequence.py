@@ -400,17 +400,17 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
 
 
 def test_paired_z_is_the_mean_difference_over_its_standard_error():
-    from raysparse.step import paired_z
+    from raysparse.metrics import paired_z
 
     best = np.linspace(0.0, 1.0, 200)
     worse = best.copy()
     worse[:20] -= 0.01
     # 20 of 200 users each 0.01 lower: mean -0.001, sd 0.01 * sqrt(20 * 180 / (200 * 199)), so z = -sqrt(20 * 199 / 180)
-    assert paired_z(worse, best) == pytest.approx(-np.sqrt(20 * 199 / 180))
-    assert paired_z(best, worse) == pytest.approx(np.sqrt(20 * 199 / 180))
-    assert paired_z(best, best) == 0.0
+    assert paired_z(worse - best) == pytest.approx(-np.sqrt(20 * 199 / 180))
+    assert paired_z(best - worse) == pytest.approx(np.sqrt(20 * 199 / 180))
+    assert paired_z(best - best) == 0.0
     steps = np.arange(200) / 256                      # binary fractions: + 0.125 is exact for every user
-    assert paired_z(steps + 0.125, steps) == np.inf      # every user better by the same amount
+    assert paired_z(steps + 0.125 - steps) == np.inf     # every user better by the same amount
 
 
 def test_epochs_significantly_worse_counts_the_last_epochs_in_a_row():

@@ -7,7 +7,8 @@ import torch
 
 from raysparse.data.dataset import index_interactions
 from raysparse.data.split import split_last_item
-from raysparse.text_prior import choose_text_prior, paired_z, prior_weights, text_scores, zscore_rows
+from raysparse.metrics import paired_z
+from raysparse.text_prior import PRIOR_FORM_MIN_Z, choose_text_prior, prior_weights, text_scores, zscore_rows
 
 
 def test_prior_weight_fades_with_the_input_length_and_is_constant_when_items_is_zero():
@@ -117,4 +118,8 @@ def test_a_later_form_that_wins_by_less_than_validation_noise_is_not_taken():
     best_max = max(table[p] for p in table if p[2] == "max")
     assert best_max > table[choice] and choice[2] == "mean"
     assert paired_z(np.array([0.37, 0.0, 0.0])) == pytest.approx(1.0)
-    assert paired_z(np.array([0.2, 0.2])) == float("inf") and paired_z(np.array([-0.1, 0.3, -0.4])) == float("-inf")
+    assert paired_z(np.array([0.2, 0.2])) == float("inf")
+    # a loss: mean -1/15, sample variance 37/300, standard error sqrt(37) / 30, so z = -2 / sqrt(37): never a gain
+    # the choice takes (it needs PRIOR_FORM_MIN_Z)
+    loss = paired_z(np.array([-0.1, 0.3, -0.4]))
+    assert loss == pytest.approx(-2 / np.sqrt(37)) and loss < PRIOR_FORM_MIN_Z

@@ -688,6 +688,7 @@ def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
     and SASRec's (its full-softmax training costs about what ours does) over --jobs processes. The other
     baselines, tests and model builds come on top: on the dev sets (--seeds 3 --jobs 2) the whole run took
     1.05-1.21x this (Amazon Scientific: 23-29 min estimated, 26.0-30.9 min run; ML latest-small: 39-45 and 47.5-48.5).
+    With early stopping it is an upper bound (Amazon Scientific since train.patience_z: 24 estimated, 22.1 run).
     `finished`: jobs an earlier run finished, reused by this one, whose fits are not counted."""
     fit = seconds_per_fit(args, threads_per_fit(args))
     n_ours, n_sasrec = fits_left(args, finished)
@@ -698,8 +699,8 @@ def time_estimate(args, finished: list[tuple[str, int, object]] = ()) -> dict:
 
 def estimate_line(est: dict, jobs: int) -> str:
     at_most = " at most" if est.get("early_stopping") else ""     # fits that stop early take less
-    return (f"time estimate: ~{est['minutes']:.0f} min{at_most}. A fit takes ~{est['fit_seconds'] / 60:.1f} min{at_most} "
-            f"({est['epochs']} epochs of {est['targets']:,} targets over {est['items']:,} items at "
+    return (f"time estimate: ~{est['minutes']:.0f} min{at_most}. A fit takes ~{est['fit_seconds'] / 60:.1f} "
+            f"min{at_most} ({est['epochs']} epochs of {est['targets']:,} targets over {est['items']:,} items at "
             f"{est['epoch_seconds']:.1f} s + {est['validation_seconds']:.1f} s of validation, on "
             f"{est['threads']} thread(s), measured over {est['timed_steps']} steps); {est['ours_fits']} fits of "
             f"ours and {est['sasrec_fits']} of SASRec to run on {jobs} process(es). Cheaper: --seeds 1, --our-grid '', "
