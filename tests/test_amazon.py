@@ -126,6 +126,21 @@ def test_item_missing_from_the_catalogue_fails_validation(tmp_path):
     assert (report.rows_in, report.rows_used, report.problems) == (9, 8, {"item not in catalogue": 1})
 
 
+def test_array_fields_are_joined(tmp_path):
+    """Amazon's raw metadata keeps the description as a list of paragraphs and categories as a flat path (2018)
+    or a list of paths (2014): joined, categories read like the comma-joined path, blanks dropped."""
+    items = {**ITEMS,
+             "12": {"title": ["Caliper"], "description": ["Digital, 150 mm.", "", "Battery included."],
+                    "brand": [], "categories": [["Industrial & Scientific", "Measuring"], ["Lab"]]},
+             "13": {"title": "Pipette", "categories": ["Lab", "Tools , Glass"]}}
+    convert_amazon_json(str(write_folder(tmp_path / "src", items=items)), str(tmp_path / "out"))
+    _, catalogue = read_output(tmp_path / "out")
+    rows = catalogue.set_index("item_id")
+    assert rows.loc["12"].tolist() == ["Caliper", "", "Industrial & Scientific, Measuring, Lab",
+                                       "Digital, 150 mm. Battery included."]
+    assert rows.loc["13"].tolist() == ["Pipette", "", "Lab, Tools, Glass", ""]
+
+
 @pytest.mark.parametrize("inter, items, match", [
     ('{"u1": [10, 11,]}', None, r"Tiny\.inter\.json: not valid JSON at line 1 column 16 \(Expecting value\)"),
     (None, '{\n  "10": {"title": "a"\n}', r"Tiny\.item\.json: not valid JSON at line 3 column 2"),
@@ -138,8 +153,9 @@ def test_item_missing_from_the_catalogue_fails_validation(tmp_path):
                                r"integer item id"),
     (None, {**ITEMS, "12": "Caliper"}, r"item '12' is a JSON string \(\"Caliper\"\); expected an object with "
                                        r"string fields title, brand, categories, description"),
-    (None, {**ITEMS, "12": {"title": "Caliper", "categories": ["Lab", "Tools"]}},
-     r"item '12', field 'categories' is a JSON array \(\[\"Lab\", \"Tools\"\]\); expected a string"),
+    (None, {**ITEMS, "12": {"title": "Caliper", "categories": ["Lab", 7]}},
+     r"item '12', field 'categories' is a JSON array holding something other than strings \(\[\"Lab\", 7\]\); "
+     r"expected a string, or an array of strings"),
     (None, {**ITEMS, "12": {"title": 5}}, r"item '12', field 'title' is a JSON number \(5\); expected a string"),
     ('{"u1": [10], "u1": [11]}', None, r"Tiny\.inter\.json: key 'u1' appears more than once"),
     (None, {**ITEMS, " ": {"title": "x"}}, r"1 item\(s\) have a blank item id"),

@@ -5,7 +5,9 @@ Layout (any Amazon category, e.g. shared/datasets/amazon-scientific/), one folde
                      list order is the time order. Item ids may be JSON strings or integers.
   <Name>.item.json   {item_id: {"title", "description", "brand", "categories"}}: strings; a field may be empty,
                      missing or null. `categories` is one comma-joined path such as
-                     "Industrial & Scientific,Tapes, Adhesives & Sealants,Adhesive Tapes".
+                     "Industrial & Scientific,Tapes, Adhesives & Sealants,Adhesive Tapes". A field may also be
+                     an array of strings, as in Amazon's raw metadata (a description's paragraphs, a category
+                     path, nested lists of paths): categories are joined with ",", other fields with " ".
 
 Output: dst/interactions.parquet (user_id str, item_id str, timestamp int64) and dst/items.parquet (item_id
 str, title, brand, categories, description; "" where missing). The timestamp is the position in the user's
@@ -146,6 +148,32 @@ def find_amazon_files(src: str) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
+def _joined(values: list, name: str) -> str | None:
+    """An array field as one string, or None when it holds anything but strings (and arrays of them).
+
+    Amazon's own metadata keeps some fields as arrays: the 2018 files' `description` is a list of paragraphs
+    and their category path a flat list, the 2014 files' `categories` a list of paths (lists). Categories are
+    joined with "," (then read like the comma-joined path above), other fields with " "; empty strings drop.
+    """
+    flat: list[str] = []
+    stack = [iter(values)]
+    while stack:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, list):
+            stack.append(iter(value))
+        elif isinstance(value, str):
+            if value.strip():
+                flat.append(value.strip())
+        else:
+            return None
+    return ("," if name == "categories" else " ").join(flat)
+
+
+_END = object()
+
+
 def _read_items(path: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     """The catalogue (item_id + ITEM_FIELDS as str, "" where missing) and the ignored fields' counts."""
     data = _load_json(path)
@@ -170,10 +198,16 @@ def _read_items(path: Path) -> tuple[pd.DataFrame, dict[str, int]]:
             value = entry.get(name)
             if value is None:  # missing or null: no text for that field
                 value = ""
+            elif isinstance(value, list):
+                value = _joined(value, name)
+                if value is None:
+                    raise DataError(f"{path}: item {item_id!r}, field {name!r} is a JSON array holding something "
+                                    f"other than strings ({_preview(entry.get(name))}); expected a string, or "
+                                    f"an array of strings (nested arrays allowed). Fix that value.")
             elif not isinstance(value, str):
                 raise DataError(f"{path}: item {item_id!r}, field {name!r} is a JSON {_json_kind(value)} "
-                                f"({_preview(value)}); expected a string (\"\" or leave the field out when "
-                                f"there is no text). Fix that value.")
+                                f"({_preview(value)}); expected a string or an array of strings (\"\" or "
+                                f"leave the field out when there is no text). Fix that value.")
             columns[name].append(value)
         for name in entry.keys() - _ITEM_FIELD_SET:
             ignored[name] = ignored.get(name, 0) + 1
