@@ -13,7 +13,7 @@ from raysparse.config import Config
 from raysparse.data.dataset import IndexedLog, index_interactions
 from raysparse.data.examples import BatchBuilder
 from raysparse.data.split import Split, split_last_item
-from raysparse.data.text import ItemText, render_item_texts
+from raysparse.data.text import ItemText, render_catalogue_texts
 from raysparse.model.hybrid import HybridRecommender
 from raysparse.model.text import TextTower, cached_item_embeddings, load_encoder, resolve_text_model
 
@@ -27,6 +27,7 @@ class Prepared:
     items: pd.DataFrame          # catalogue in item_idx order
     item_texts: list[str]        # rendered template, item_idx order
     report: dict                 # validation report (rows in / used / quarantined)
+    item_text_note: str = ""     # for the run's log: the template matched no column, or every text is empty
 
 
 def dataset_path(config: Config) -> str:
@@ -58,8 +59,8 @@ def prepare_data(config: Config, frames: tuple[pd.DataFrame, pd.DataFrame] | Non
     split = split_last_item(log, config.data.cohort_fraction, list(config.data.cohort_ks), config.data.split_seed,
                             use_ratings=config.data.use_ratings)
     items = items.reset_index(drop=True)
-    return Prepared(log=log, split=split, items=items,
-                    item_texts=render_item_texts(items, config.data.text_template), report=report)
+    texts, note = render_catalogue_texts(items, config.data.text_template)
+    return Prepared(log=log, split=split, items=items, item_texts=texts, report=report, item_text_note=note)
 
 
 def build_model(config: Config, n_users: int, n_items: int, item_texts: list[str], cache_dir: str | None = None

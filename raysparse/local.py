@@ -60,6 +60,8 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
     t0 = time.perf_counter()
     prepared = prepared or prepare_data(config)
     log(f"data: {json.dumps(prepared.split.stats)}")
+    if prepared.item_text_note:
+        log(prepared.item_text_note)
     rec = build_recommender(config, prepared, config.data.resolved_cache_dir)
     best: dict = {"score": -1.0}
 

@@ -53,7 +53,7 @@ from raysparse.data.io import FORMATS, read_catalogue
 from raysparse.data.sources import (READER_ENV, choose_reader, csv_columns, find_dataset_inputs, list_data_files,
                                     local_copy)
 from raysparse.data.split import Split, split_sequences
-from raysparse.data.text import render_item_texts
+from raysparse.data.text import render_catalogue_texts
 from raysparse.data.vocab import Vocab
 from raysparse.errors import DataError
 
@@ -155,8 +155,8 @@ def prepare_data_ray(config: Config, rating_range: tuple[float, float] = (0.0, 1
     items = catalogue.reset_index(drop=True)
     out = report.to_dict()
     out["reader"] = "ray"
-    return Prepared(log=log, split=split, items=items, item_texts=render_item_texts(items, dc.text_template),
-                    report=out)
+    texts, note = render_catalogue_texts(items, dc.text_template)
+    return Prepared(log=log, split=split, items=items, item_texts=texts, report=out, item_text_note=note)
 
 
 def prepare_for_ray(config: Config) -> Prepared:

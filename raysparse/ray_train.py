@@ -232,6 +232,8 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
 
     prepared = prepare_for_ray(config)
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
+    if prepared.item_text_note:
+        log(prepared.item_text_note)
     dataset, n_examples = training_dataset(config, prepared)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)

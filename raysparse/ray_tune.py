@@ -213,6 +213,8 @@ def run_tune(config: Config, tc: TuneConfig, resume: bool = False, log: Callable
     prepared = prepare_for_ray(config)
     check_metric(tc, prepared.split)
     log(f"data ({prepared.report.get('reader', 'pandas')} reader): {json.dumps(prepared.split.stats)}")
+    if prepared.item_text_note:
+        log(prepared.item_text_note)
     warm_text_cache(config, params, prepared, cache_dir, log)
     dataset, n_examples = training_dataset(config, prepared)
     out.mkdir(parents=True, exist_ok=True)

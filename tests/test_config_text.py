@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raysparse.config import ConfigError, config_from_dict, describe_config, load_config
-from raysparse.data.text import ItemText, render_item_texts
+from raysparse.data.text import ItemText, render_catalogue_texts, render_item_texts
 
 
 def test_defaults_validate_and_set_overrides_parse_yaml_values(tmp_path):
@@ -65,6 +65,28 @@ def test_template_renders_missing_fields_as_empty():
 
     items = pd.DataFrame({"title": ["Heat", "Up"], "genres": ["Crime, Drama", None]})
     assert render_item_texts(items, "{title}. {genres}. {tags}") == ["Heat. Crime, Drama", "Up"]
+
+
+def test_a_template_matching_no_column_falls_back_to_every_text_column_and_says_so():
+    import pandas as pd
+
+    items = pd.DataFrame({"item_id": [7, 8], "name": ["Heat", "Up"], "about": ["A heist.", None]})
+    # Some field matches: rendered as asked, nothing to say.
+    assert render_catalogue_texts(items, "{name}. {genres}") == (["Heat", "Up"], "")
+    texts, note = render_catalogue_texts(items, "{title}. {genres}")
+    assert texts == ["Heat. A heist", "Up"]     # (the renderer drops a closing separator)
+    assert "names none of the catalogue's columns (name, about)" in note and "'{name}. {about}'" in note
+    assert "Set data.text_template" in note
+
+
+def test_a_catalogue_without_text_is_said():
+    import pandas as pd
+
+    texts, note = render_catalogue_texts(pd.DataFrame({"item_id": [1, 2]}), "{title}")
+    assert texts == ["", ""]
+    assert "every item's text is empty" in note and "catalogue columns: none but item_id" in note
+    texts, note = render_catalogue_texts(pd.DataFrame({"item_id": [1], "title": [""]}), "{title}")
+    assert texts == [""] and "every item's text is empty" in note
 
 
 def test_user_text_is_newest_first_truncated_and_closed_with_sep():

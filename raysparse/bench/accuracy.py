@@ -750,14 +750,18 @@ def run(args: argparse.Namespace) -> int:
               f"{store.folder} are not reused; every job runs again", flush=True)
     print(f"each job is saved to {store.folder} as it ends: if this run stops, the same command runs only the "
           f"jobs left", flush=True)
+    # Said once here and kept in accuracy.md: on an unseen catalogue the shared text template may match no column.
+    text_note = prepared_seed(args, 0)[1].item_text_note
+    if text_note:
+        print(text_note, flush=True)
     estimate = None
     if not args.fast and our_rows_wanted(args):
         # Measured before the fits: on a larger data set than the dev sets the run can take hours (full-softmax
         # training costs targets x catalogue), and the one running it should know that now, not at the end.
         estimate = time_estimate(args, () if args.fresh else finished)
         print(estimate_line(estimate, args.jobs), flush=True)
-        if args.jobs > 1:
-            _PREPARED.clear()     # the fits run in other processes; do not hold the split here meanwhile
+    if args.jobs > 1:
+        _PREPARED.clear()         # the fits run in other processes; do not hold the split here meanwhile
     per_seed, choice = run_all(args, store)
     agg = aggregate(per_seed)
     wall = time.perf_counter() - t0
@@ -768,7 +772,7 @@ def run(args: argparse.Namespace) -> int:
             f"## Test HR@10\n\n{hr}\n\n## Goals\n\n" + "\n".join(goals) +
             f"\n\nChosen on the first seed's validation for our rows: {choice['chosen'] or 'nothing to choose'}"
             + (f" (fused validation NDCG@10 by grid point: {json.dumps(choice['grid'])})" if choice["grid"] else "") +
-            text_prior_line(per_seed) +
+            text_prior_line(per_seed) + (f"\n\n{text_note[0].upper()}{text_note[1:]}" if text_note else "") +
             f"\n\nWall time: {wall / 60:.1f} min on this machine"
             + (f" (estimated at the start: {estimate['minutes']:.0f} min)" if estimate else "")
             + (f"; {store.reused} job(s) finished in an earlier run and reused (their seconds are their own; "

@@ -25,6 +25,37 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
+def catalogue_text_columns(items: pd.DataFrame) -> list[str]:
+    """The catalogue's text columns, in its order: every column but the id (and the readers' bookkeeping)."""
+    return [c for c in items.columns if c != "item_id" and not str(c).startswith("_")]
+
+
+def render_catalogue_texts(items: pd.DataFrame, template: str) -> tuple[list[str], str]:
+    """(one text per catalogue row, a note for the run's log: "" when the template rendered as asked).
+
+    A template that names none of the catalogue's columns gives every item an empty text, and every model with
+    text would train on nothing without a word. That is what an unseen catalogue with other column names
+    (`name` for `title`, say) meets under a shared configuration, so the texts then come from every text column
+    the catalogue has, in its order, and the note says which and how to choose. A catalogue without text, or
+    whose texts all render empty, is said too.
+    """
+    fields = template_fields(template)
+    columns = catalogue_text_columns(items)
+    note = ""
+    if fields and not set(fields) & set(items.columns) and columns:
+        fallback = ". ".join("{" + c + "}" for c in columns)
+        note = (f"item text: data.text_template {template!r} names none of the catalogue's columns "
+                f"({', '.join(columns)}), so item texts come from all of them: {fallback!r}. Set "
+                f"data.text_template to choose the fields.")
+        template = fallback
+    texts = render_item_texts(items, template)
+    if not any(texts):
+        note = (f"item text: every item's text is empty (data.text_template {template!r}; catalogue columns: "
+                f"{', '.join(columns) or 'none but item_id'}); the text tower, the text prior and the text "
+                f"baselines have nothing to read. Add a text column (title, description, ...) to the catalogue.")
+    return texts, note
+
+
 def render_item_texts(items: pd.DataFrame, template: str) -> list[str]:
     """One string per catalogue row. Empty fields leave no dangling punctuation ("Title. . " -> "Title.")."""
     columns = [c for c in template_fields(template) if c in items.columns]
