@@ -15,7 +15,7 @@ import pandas as pd
 from raysparse.build import Prepared, build_batches, build_model, prepare_data
 from raysparse.config import Config
 from raysparse.loop import train_local
-from raysparse.metrics import evaluate_ranks, flatten, user_ndcg
+from raysparse.metrics import evaluate_ranks, flatten, strict_json, user_ndcg
 from raysparse.recommender import Recommender
 from raysparse.step import SELECT_METRIC, USER_NDCG, Z_VS_BEST
 from raysparse.text_prior import choose_text_prior
@@ -85,7 +85,7 @@ def run_local(config: Config, prepared: Prepared | None = None, log: Callable[[s
         out = Path(config.output)
         out.mkdir(parents=True, exist_ok=True)
         rec.save(out / "artifact", metrics={"val": val, "test": test, "best_epoch": best["epoch"]})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        (out / "summary.json").write_text(strict_json(summary, indent=2))
         log(f"artifact: {out / 'artifact'}")
     return rec, summary
 

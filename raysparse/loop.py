@@ -29,7 +29,7 @@ from torch import nn
 from raysparse.config import Config, TrainConfig
 from raysparse.data.examples import BatchBuilder
 from raysparse.data.split import Split
-from raysparse.metrics import ScoreFn, full_ranks, paired_z
+from raysparse.metrics import ScoreFn, full_ranks, paired_z, strict_json
 from raysparse.step import (SELECT_METRIC, USER_NDCG, Z_VS_BEST, PlainStepper, keep_freed_memory, stalled_epochs,
                             steps_per_epoch)
 
@@ -227,7 +227,7 @@ class EpochLog:
 
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in history))
+        (folder / "metrics.jsonl").write_text("".join(strict_json(r) + "\n" for r in history))
         if history:
             pd.DataFrame(history).to_csv(folder / "metrics.csv", index=False)
         self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=len(history) + 1 if history else None)
@@ -240,7 +240,7 @@ class EpochLog:
 
     def add(self, record: dict, history: list[dict]) -> None:
         with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(strict_json(record) + "\n")
         pd.DataFrame(history).to_csv(self.folder / "metrics.csv", index=False)
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):

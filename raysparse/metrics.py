@@ -11,6 +11,7 @@ rank <= K else 0; MRR = 1/rank (no cut-off).
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -75,6 +76,22 @@ def paired_z(differences) -> float:
     if error == 0.0:
         return 0.0 if mean == 0.0 else float(np.sign(mean) * np.inf)
     return mean / error
+
+
+def strict_json(value, indent: int | None = None) -> str:
+    """JSON text of records for files others read (metrics.jsonl, summary.json): a non-finite float (z_vs_best
+    is +-inf when every validation user moved alike) becomes null, since JSON has no Infinity or NaN and strict
+    readers (JavaScript's JSON.parse, jq, Go, Rust's serde_json) refuse the tokens Python writes for them.
+    numpy scalars become numbers. The in-memory records, and the checkpoint's own state file, keep the value."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        return v
+    return json.dumps(clean(value), indent=indent, default=float, allow_nan=False)
 
 
 def full_ranks(score_fn: ScoreFn, split: Split, users: np.ndarray, stage: str, batch_size: int = 256) -> np.ndarray:

@@ -51,6 +51,7 @@ from raysparse.engine import DeepSpeedTraining, first_run_compilation_note, reso
 from raysparse.errors import ConfigError
 from raysparse.local import apply_text_prior_choice, epoch_line, stage_metrics, validation_metrics
 from raysparse.loop import BestEpoch, EpochLog, all_gather, train_epochs
+from raysparse.metrics import strict_json
 from raysparse.preflight import (RUN_NAME, absolute_paths, check_before_start, check_run_folder, check_static,
                                   launcher_max_resources, run_location)
 from raysparse.recommender import Recommender
@@ -274,7 +275,7 @@ def run_ray_training(config: Config, resume: bool = False, log: Callable[[str], 
                "seconds": time.perf_counter() - t0, "data": prepared.split.stats, "validation": prepared.report,
                "run_dir": run_dir, "best_checkpoint": best_ckpt.path, "restored_from_epochs": restored,
                "deepspeed": ds_config}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "summary.json").write_text(strict_json(summary, indent=2))
     log(f"best epoch {best_epoch}: val ndcg@10={val.get(SELECT_METRIC, float('nan')):.4f}; "
         f"artifact: {artifact}; logs: {out / LOG_DIR}")
     return summary

@@ -59,7 +59,7 @@ from raysparse.config import (SECTIONS, Config, config_from_dict, describe_secti
 from raysparse.data.split import Split
 from raysparse.errors import ConfigError
 from raysparse.local import validation_metrics
-from raysparse.metrics import flatten, summarize
+from raysparse.metrics import flatten, strict_json, summarize
 from raysparse.preflight import SNAPSHOT
 from raysparse.recommender import Recommender
 
@@ -619,7 +619,7 @@ def export_best(records: list[TrialRecord], tc: TuneConfig, config: Config, prep
                    "experiment": experiment_path(config), "trials_csv": str(out / TRIALS_CSV)},
         "sweep": sweep,
     }
-    (best / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (best / "summary.json").write_text(strict_json(summary, indent=2))
     log(f"best: trial {record.trial_id}, epoch {epoch}, {tc.metric}={value:.4f} -> {best}")
     return summary
 

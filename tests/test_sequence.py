@@ -413,6 +413,18 @@ def test_paired_z_is_the_mean_difference_over_its_standard_error():
     assert paired_z(steps + 0.125 - steps) == np.inf     # every user better by the same amount
 
 
+def test_records_for_other_readers_are_strict_json():
+    import json
+
+    from raysparse.metrics import strict_json
+
+    record = {"epoch": np.int64(3), "z_vs_best": -np.inf, "val": [np.float32(0.5), float("nan"), np.inf], "ok": 0.25}
+    text = strict_json(record)
+    assert text == '{"epoch": 3.0, "z_vs_best": null, "val": [0.5, null, null], "ok": 0.25}'
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON token {name}"))
+    assert record["z_vs_best"] == -np.inf                 # the record itself keeps its value
+
+
 def test_epochs_significantly_worse_counts_the_last_epochs_in_a_row():
     from raysparse.step import Z_VS_BEST, epochs_significantly_worse
 
