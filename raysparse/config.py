@@ -52,7 +52,10 @@ class DataConfig:
     synthetic_users: int = option(2000, "Users in the embedded synthetic dataset (used when `path` is empty).")
     synthetic_items: int = option(500, "Items in the embedded synthetic dataset.")
     text_template: str = option("{title}. {genres}. {tags}",
-                                "Item text template over catalogue columns; missing columns render as empty.")
+                                "Item text template over catalogue columns; missing columns render as empty. "
+                                "{*} stands for every text column the template does not name, in the "
+                                "catalogue's order (a shared config then reads a catalogue with other column "
+                                "names too). A template that names no column at all reads every text column.")
     max_length: int = option(128, "Token budget of a user's history text (most recent items first), including "
                                   "special tokens.")
     max_history: int = option(50, "Most recent history items fed to the DMF row and the text tower per example.")

@@ -79,6 +79,18 @@ def test_a_template_matching_no_column_falls_back_to_every_text_column_and_says_
     assert "Set data.text_template" in note
 
 
+def test_other_columns_come_in_through_the_star_field():
+    import pandas as pd
+
+    items = pd.DataFrame({"item_id": [7, 8], "name": ["Heat", "Up"], "brand": ["Acme", ""], "about": ["A heist.", None]})
+    texts, note = render_catalogue_texts(items, "{title}. {brand}. {description}. {*}")
+    assert texts == ["Acme. Heat. A heist", "Up"]          # named fields first, then the others in catalogue order
+    assert note == "item text: {*} in data.text_template reads the catalogue's columns it does not name: name, about."
+    # Nothing left to add: the same texts as without {*}, and nothing to say (the dev sets' case).
+    assert render_catalogue_texts(items, "{name}. {brand}. {about}. {*}") == (
+        render_item_texts(items, "{name}. {brand}. {about}"), "")
+
+
 def test_a_catalogue_without_text_is_said():
     import pandas as pd
 

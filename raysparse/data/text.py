@@ -30,24 +30,33 @@ def catalogue_text_columns(items: pd.DataFrame) -> list[str]:
     return [c for c in items.columns if c != "item_id" and not str(c).startswith("_")]
 
 
-def render_catalogue_texts(items: pd.DataFrame, template: str) -> tuple[list[str], str]:
-    """(one text per catalogue row, a note for the run's log: "" when the template rendered as asked).
+OTHER_COLUMNS = "*"   # `{*}` in a template: every catalogue text column the template does not name
 
-    A template that names none of the catalogue's columns gives every item an empty text, and every model with
-    text would train on nothing without a word. That is what an unseen catalogue with other column names
-    (`name` for `title`, say) meets under a shared configuration, so the texts then come from every text column
-    the catalogue has, in its order, and the note says which and how to choose. A catalogue without text, or
-    whose texts all render empty, is said too.
+
+def render_catalogue_texts(items: pd.DataFrame, template: str) -> tuple[list[str], str]:
+    """(one text per catalogue row, a note for the run's log: "" when there is nothing to say).
+
+    `{*}` in the template stands for the catalogue's text columns the template does not name, in the catalogue's
+    order: configs/accuracy.yaml names the fields of the catalogues it knows and is run unchanged on others, where
+    `name` may stand for `title` and `about` for `description`; named fields alone would silently drop those. A
+    template that names none of the catalogue's columns would give every item an empty text, so it reads every
+    text column too. Either way the note says which columns came in, and a catalogue whose texts are all empty is
+    said as well.
     """
     fields = template_fields(template)
     columns = catalogue_text_columns(items)
+    unnamed = [c for c in columns if c not in fields]
     note = ""
-    if fields and not set(fields) & set(items.columns) and columns:
-        fallback = ". ".join("{" + c + "}" for c in columns)
-        note = (f"item text: data.text_template {template!r} names none of the catalogue's columns "
-                f"({', '.join(columns)}), so item texts come from all of them: {fallback!r}. Set "
+    if OTHER_COLUMNS in fields:
+        template = template.replace("{" + OTHER_COLUMNS + "}", ". ".join("{" + c + "}" for c in unnamed))
+        if unnamed:
+            note = (f"item text: {{{OTHER_COLUMNS}}} in data.text_template reads the catalogue's columns it does "
+                    f"not name: {', '.join(unnamed)}.")
+    elif fields and not set(fields) & set(items.columns) and columns:
+        template = ". ".join("{" + c + "}" for c in columns)
+        note = (f"item text: data.text_template names none of the catalogue's columns "
+                f"({', '.join(columns)}), so item texts come from all of them: {template!r}. Set "
                 f"data.text_template to choose the fields.")
-        template = fallback
     texts = render_item_texts(items, template)
     if not any(texts):
         note = (f"item text: every item's text is empty (data.text_template {template!r}; catalogue columns: "
