@@ -20,7 +20,7 @@ from raysparse.ray_serve import deploy
 from raysparse.ray_tune import run_tune
 from raysparse.serve_config import add_serve_arguments, serve_config_from_args
 from raysparse.sweep import BEST_DIR, TuneConfig, describe_tune_config, load_tune_config
-from raysparse.train_cli import add_config_arguments
+from raysparse.train_cli import add_config_arguments, shortcut_sets
 
 
 def register(subparsers) -> None:
@@ -162,9 +162,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tune_configs_from_args(args: argparse.Namespace) -> tuple[Config, TuneConfig]:
-    sets = list(args.sets)
-    if getattr(args, "output", None):
-        sets.append(f"output={args.output}")
+    sets = shortcut_sets(args)
     if args.num_samples is not None:
         sets.append(f"tune.num_samples={args.num_samples}")
     return load_tune_config(args.config, sets)

@@ -13,13 +13,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override one config key; repeatable. E.g. --set model.fusion_dim=64.")
     parser.add_argument("--output", default=None, help="Shortcut for --set output=DIR.")
+    parser.add_argument("--on-bad-rows", choices=("fail", "quarantine"), default=None,
+                        help="Shortcut for --set data.on_bad_rows=...: 'quarantine' sets invalid interaction rows "
+                             "aside in <output>/quarantine.csv and trains on the rest; 'fail' (the default) stops "
+                             "on them.")
 
 
-def config_from_args(args: argparse.Namespace):
+def shortcut_sets(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, then the shortcut flags' (--output, --on-bad-rows), which win when both are given."""
     sets = list(args.sets)
     if getattr(args, "output", None):
         sets.append(f"output={args.output}")
-    return load_config(args.config, sets)
+    if getattr(args, "on_bad_rows", None):
+        sets.append(f"data.on_bad_rows={args.on_bad_rows}")
+    return sets
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.config, shortcut_sets(args))
 
 
 def register(subparsers) -> None:

@@ -186,9 +186,10 @@ def test_guess_format_and_dataset_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # dataset_folder's temp folder: inside tmp_path
     src = write_folder(tmp_path / "src")
     assert guess_format(str(src)) == FORMAT == "amazon-json"
-    folder = dataset_folder(str(src), guess_format(str(src)))
+    folder, report = dataset_folder(str(src), guess_format(str(src)))
     interactions, items, _ = load_dataset(folder)
     assert len(interactions) == 9 and len(items) == 4 and Path(folder).parent == tmp_path
+    assert (report.rows_in, report.rows_used) == (9, 9)
     write_folder(src, name="Other")  # two categories in one folder: not a layout we can guess
     assert guess_format(str(src)) == ""
 
@@ -219,3 +220,34 @@ def test_real_amazon_scientific(tmp_path):
     assert first["categories"] == ("Industrial & Scientific, Industrial Electrical, Passive Components, "
                                    "Capacitors")
     assert guess_format(str(AMAZON_SCIENTIFIC)) == FORMAT
+
+
+def test_bad_rows_the_error_names_a_flag_each_command_takes(tmp_path, monkeypatch, capsys):
+    """The error says "pass --on-bad-rows quarantine": `data convert`, `bench accuracy` (through
+    dataset_folder) and `train` / `tune` (a --set shortcut) take it, and then nothing but the bad row is lost."""
+    from raysparse.train_cli import add_config_arguments, config_from_args
+    import argparse
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    src = write_folder(tmp_path / "src", inter={**INTER, "u3": [13, 99]})    # item 99 is not in the catalogue
+    with pytest.raises(DataError, match=r"item not in catalogue.*pass --on-bad-rows quarantine"):
+        dataset_folder(str(src), FORMAT)
+    # The bench's reader: the rest converted, the row in quarantine.csv, every later read clean.
+    folder, report = dataset_folder(str(src), FORMAT, "quarantine", str(tmp_path / "bench-out"))
+    assert (report.rows_in, report.rows_used, report.rows_quarantined) == (9, 8, 1)
+    assert "99" in (tmp_path / "bench-out" / "quarantine.csv").read_text()
+    assert len(load_dataset(folder)[0]) == 8
+    # A standard-schema folder with a bad row is copied without it, so each fit's own read does not stop.
+    standard = tmp_path / "standard"
+    main(["data", "convert", "--format", FORMAT, str(src), str(standard), "--on-bad-rows", "quarantine"])
+    assert "rows quarantined: 1" in capsys.readouterr().out and (standard / "quarantine.csv").exists()
+    pd.concat([pd.read_parquet(standard / "interactions.parquet"),
+               pd.DataFrame({"user_id": ["u9"], "item_id": ["77"], "timestamp": [0]})]
+              ).to_parquet(standard / "interactions.parquet", index=False)
+    assert dataset_folder(str(standard)) == (str(standard), None)             # default: read as it is
+    copied, report = dataset_folder(str(standard), "", "quarantine", str(tmp_path / "bench-out2"))
+    assert report.rows_quarantined == 1 and len(load_dataset(copied)[0]) == 8
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    config = config_from_args(parser.parse_args(["--on-bad-rows", "quarantine", "--set", "data.on_bad_rows=fail"]))
+    assert config.data.on_bad_rows == "quarantine"                            # the shortcut wins, like --output

@@ -96,6 +96,10 @@ def register_bench(subparsers) -> None:
                         "(--trainer local only). One seed's baselines are one fit, each of our rows per seed "
                         "another.")
     p.add_argument("--fast", action="store_true", help="Small grids and few epochs (smoke runs, tests).")
+    p.add_argument("--on-bad-rows", choices=("fail", "quarantine"), default="fail",
+                   help="'fail' (default): stop on invalid interaction rows, naming file, line and a sample. "
+                        "'quarantine': set them aside in --out/quarantine.csv (counted in accuracy.md) and run "
+                        "on the rest.")
     p.add_argument("--out", default="runs/accuracy", help="Where the table, JSON and chart go.")
     p.add_argument("--fresh", action="store_true",
                    help="Run every job again. By default a job an earlier run with the same code, config, data and "
@@ -718,12 +722,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs {args.jobs} runs fits in parallel processes, which --trainer ray does not "
                         f"(Ray Train takes the cores itself); use --jobs 1 with --trainer ray.")
     fmt = args.format or guess_format(args.data)
-    folder = dataset_folder(args.data, fmt)
-    given_sets = list(args.sets) + [f"data.format={fmt}"]
-    # Every fit (and each Ray worker) reads the dataset folder itself; the split depends only on the seeds.
-    args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    folder, data_report = dataset_folder(args.data, fmt, args.on_bad_rows, str(out))
+    set_aside = data_report.rows_quarantined if data_report else 0
+    if set_aside:
+        print(f"{set_aside:,} invalid interaction row(s) set aside in {data_report.quarantine_path} "
+              f"(--on-bad-rows quarantine):\n{data_report.summary()}", flush=True)
+    given_sets = list(args.sets) + [f"data.format={fmt}"] + (
+        [f"data.on_bad_rows={args.on_bad_rows}"] if args.on_bad_rows != "fail" else [])
+    # Every fit (and each Ray worker) reads the dataset folder itself; the split depends only on the seeds.
+    args.sets = list(args.sets) + [f"data.path={Path(folder).resolve()}"]
     if args.trainer == "ray":
         import ray
 
@@ -777,10 +786,13 @@ def run(args: argparse.Namespace) -> int:
             + (f" (estimated at the start: {estimate['minutes']:.0f} min)" if estimate else "")
             + (f"; {store.reused} job(s) finished in an earlier run and reused (their seconds are their own; "
                f"--fresh runs every job)" if store.reused else "")
-            + f"; data: {args.data} ({fmt or 'standard schema'}); "
+            + f"; data: {args.data} ({fmt or 'standard schema'}"
+            + (f"; {set_aside:,} invalid interaction rows set aside in {data_report.quarantine_path}" if set_aside
+               else "") + "); "
             f"trainer: {args.trainer}; command: raysparse bench accuracy --seeds {args.seeds}"
             + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (" --fast" if args.fast else "")
-            + (" --fresh" if args.fresh else "") + "\n")
+            + (" --fresh" if args.fresh else "")
+            + (f" --on-bad-rows {args.on_bad_rows}" if args.on_bad_rows != "fail" else "") + "\n")
     print("\n" + text)
     (out / "accuracy.md").write_text(text)
     (out / "accuracy.json").write_text(json.dumps({"per_seed": per_seed, "aggregate": agg, "wall_seconds": wall,

@@ -9,29 +9,36 @@ from pathlib import Path
 import pandas as pd
 
 from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, INTER_SUFFIX, ITEM_SUFFIX, convert_amazon_json
-from raysparse.data.io import load_dataset
+from raysparse.data.io import ValidationReport, load_dataset
 from raysparse.data.movielens import convert_movielens
 
 DEFAULT_ML = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-latest-small"
 
 
-def dataset_folder(data: str, fmt: str = "") -> str:
-    """A standard-schema folder: `data` itself, or a MovieLens / Amazon JSON folder (layout `fmt`) converted
-    into a temp folder."""
-    if not fmt:
-        return data
+def dataset_folder(data: str, fmt: str = "", on_bad_rows: str = "fail", quarantine_dir: str | None = None
+                   ) -> tuple[str, ValidationReport | None]:
+    """(a standard-schema folder every later reader can read with on_bad_rows='fail', the validation report or
+    None): `data` itself, or a MovieLens / Amazon JSON folder (layout `fmt`) converted into a temp folder. With
+    on_bad_rows='quarantine' invalid interaction rows go to `quarantine_dir`/quarantine.csv, and a
+    standard-schema folder is copied without them (otherwise each fit would meet them again and stop)."""
+    if not fmt and on_bad_rows == "fail":
+        return data, None
     out = tempfile.mkdtemp(prefix="raysparse-bench-")
+    rows = {"on_bad_rows": on_bad_rows, "quarantine_dir": quarantine_dir}
     if fmt == AMAZON_FORMAT:
-        convert_amazon_json(data, out)
-    else:
-        convert_movielens(fmt, data, out)
-    return out
+        return out, convert_amazon_json(data, out, **rows)
+    if fmt:
+        return out, convert_movielens(fmt, data, out, **rows)
+    interactions, items, report = load_dataset(data, **rows)
+    interactions.to_parquet(Path(out) / "interactions.parquet", index=False)
+    items.to_parquet(Path(out) / "items.parquet", index=False)
+    return out, report
 
 
 def load_frames(data: str, fmt: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(interactions, items) from a standard-schema folder, or a MovieLens / Amazon JSON folder when `fmt`
     names its layout."""
-    interactions, items, _ = load_dataset(dataset_folder(data, fmt))
+    interactions, items, _ = load_dataset(dataset_folder(data, fmt)[0])
     return interactions, items
 
 

@@ -21,10 +21,11 @@ def _convert(args: argparse.Namespace) -> int:
     from raysparse.data.amazon import FORMAT as AMAZON_FORMAT, convert_amazon_json
     from raysparse.data.movielens import convert_movielens
 
+    rows = {"on_bad_rows": args.on_bad_rows, "quarantine_dir": args.dst}   # quarantine.csv beside the output
     if args.format == AMAZON_FORMAT:
-        report = convert_amazon_json(args.src, args.dst)
+        report = convert_amazon_json(args.src, args.dst, **rows)
     else:
-        report = convert_movielens(args.format, args.src, args.dst)
+        report = convert_movielens(args.format, args.src, args.dst, **rows)
     print(f"wrote {args.dst}/interactions.parquet and {args.dst}/items.parquet")
     print(report.summary())
     return 0
@@ -88,6 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="Unzipped MovieLens folder (e.g. ml-latest-small/) or Amazon JSON folder "
                                "(e.g. amazon-scientific/).")
     p.add_argument("dst", help="Output folder: interactions.parquet + items.parquet.")
+    p.add_argument("--on-bad-rows", choices=("fail", "quarantine"), default="fail",
+                   help="'fail' (default): stop on invalid interaction rows, naming file, line and a sample. "
+                        "'quarantine': write them to DST/quarantine.csv and convert the rest.")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("check", help="Validate a dataset and report bad rows; changes nothing.",
