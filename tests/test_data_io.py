@@ -309,8 +309,9 @@ def test_load_dataset_reads_a_folder_with_interaction_parts(tmp_path):
 
 def test_load_dataset_needs_a_catalogue(tmp_path):
     path = write(tmp_path / "log.csv", CLEAN_CSV)
-    with pytest.raises(DataError, match=r"log\.csv: no item catalogue found; pass --items PATH .* or put "
-                                        r"items\.parquet, items\.csv or items\.jsonl beside the interactions"):
+    with pytest.raises(DataError, match=r"log\.csv: no item catalogue found; put items\.parquet, items\.csv or "
+                                        r"items\.jsonl beside the interactions .* --set data\.items_path=PATH "
+                                        r"\(train, tune, the jobs\), --items PATH \(data check\)"):
         load_dataset(path)
     interactions, items, _ = load_dataset(path, write(tmp_path / "cat.csv", ITEMS_CSV))
     assert len(interactions) == 3 and items["item_id"].tolist() == [10, 11, 12]

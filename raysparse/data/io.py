@@ -653,8 +653,9 @@ def load_dataset(path: str, items_path: str = "", *, on_bad_rows: str = "fail", 
     interactions_path, found_items = find_dataset_files(path)
     items = items_path or found_items
     if not items:
-        raise DataError(f"{path}: no item catalogue found; pass --items PATH (data.items_path) or put "
-                        f"items.parquet, items.csv or items.jsonl beside the interactions.")
+        raise DataError(f"{path}: no item catalogue found; put items.parquet, items.csv or items.jsonl beside the "
+                        f"interactions (what `raysparse bench` reads), or name it: --set data.items_path=PATH "
+                        f"(train, tune, the jobs), --items PATH (data check).")
     catalogue = read_catalogue(items)
     interactions, report = read_interactions(interactions_path, catalogue=catalogue, on_bad_rows=on_bad_rows,
                                              quarantine_dir=quarantine_dir, rating_range=rating_range)
