@@ -27,7 +27,7 @@ class Prepared:
     items: pd.DataFrame          # catalogue in item_idx order
     item_texts: list[str]        # rendered template, item_idx order
     report: dict                 # validation report (rows in / used / quarantined)
-    item_text_note: str = ""     # for the run's log: the template matched no column, or every text is empty
+    item_text_note: str = ""     # for the run's log: columns the template took through {*} or no match, or no text
 
 
 def dataset_path(config: Config) -> str:
